@@ -1,0 +1,18 @@
+from ._descent import (
+    AndersonDescent as AndersonDescent,
+    BroydenDescent as BroydenDescent,
+    PicardDescent as PicardDescent,
+)
+from ._results import RESULTS as RESULTS
+from ._search import DerivativeFreeBacktracking as DerivativeFreeBacktracking
+from ._solver import (
+    AbstractDescentSearchSolver as AbstractDescentSearchSolver,
+    Anderson as Anderson,
+    Broyden as Broyden,
+    DescentSearchSolver as DescentSearchSolver,
+    Picard as Picard,
+)
+from ._termination import Termination as Termination
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""Searches for fixed-point problems. Fixed damping is [`optimistix.LearningRate`][];
+this module adds a derivative-free backtracking line search on the residual."""
+
+from typing import cast
+
+import equinox as eqx
+import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, Scalar, ScalarLike
+
+from ._custom_types import Y
+from ._misc import is_python_number, stats_dtype, tree_inner
+
+
+_Residual = optx.FunctionInfo.Residual
+
+
+class _BacktrackingState(eqx.Module):
+    step_size: Scalar
+    num_accepted: Int[Array, ""]
+
+
+class DerivativeFreeBacktracking(
+    optx.AbstractSearch[Y, _Residual, _Residual, _BacktrackingState]
+):
+    r"""Derivative-free backtracking on the merit function $\tfrac12\|g(y)\|_2^2$,
+    $g(y) = f(y) - y$ (Li–Fukushima).
+
+    A trial $y + \alpha d$ is accepted when
+
+    $$\|g(y + \alpha d)\|^2 \le (1 + \eta_k - \sigma \alpha^2)\,\|g(y)\|^2,
+      \qquad \eta_k = \frac{\eta_0}{(k + 1)^2},$$
+
+    with $k$ the number of accepted steps so far; otherwise $\alpha$ is multiplied by
+    `decrease_factor` and $f$ is evaluated at the shorter trial (one step of the
+    solver). No Jacobian is needed, so it works with any descent, including
+    directions that are not descent directions of the merit function (Anderson,
+    Broyden): the summable non-monotone slack $\eta_k$ guarantees that a short enough
+    step is accepted.
+
+    ??? cite "References"
+
+        ```bibtex
+        @article{li2000derivative,
+            author = {Li, Dong-Hui and Fukushima, Masao},
+            title = {A derivative-free line search and global convergence of
+                     {B}royden-like method for nonlinear equations},
+            journal = {Optimization Methods and Software},
+            volume = {13},
+            number = {3},
+            pages = {181--201},
+            year = {2000},
+        }
+        ```
+    """
+
+    decrease_factor: ScalarLike = 0.5
+    slope: ScalarLike = 1e-4
+    step_init: ScalarLike = 1.0
+    nonmonotone: ScalarLike = 1e-2
+
+    def __check_init__(self):
+        checks = (
+            ("decrease_factor", lambda x: 0 < x < 1, "must be in (0, 1)"),
+            ("slope", lambda x: 0 <= x < 1, "must be in [0, 1)"),
+            ("step_init", lambda x: 0 < x <= 1, "must be in (0, 1]"),
+            ("nonmonotone", lambda x: x >= 0, "must be non-negative"),
+        )
+        for name, ok, message in checks:
+            value = getattr(self, name)
+            if is_python_number(value) and not ok(value):
+                raise ValueError(f"`DerivativeFreeBacktracking({name}=...)` {message}.")
+
+    def init(self, y: Y, f_info_struct: _Residual) -> _BacktrackingState:
+        del f_info_struct
+        dtype = stats_dtype(y)
+        return _BacktrackingState(
+            step_size=jnp.array(self.step_init, dtype), num_accepted=jnp.array(0)
+        )
+
+    def step(
+        self,
+        first_step: Bool[Array, ""],
+        y: Y,
+        y_eval: Y,
+        f_info: _Residual,
+        f_eval_info: _Residual,
+        state: _BacktrackingState,
+    ) -> tuple[Scalar, Bool[Array, ""], optx.RESULTS, _BacktrackingState]:
+        del y, y_eval
+        dtype = stats_dtype(f_info.residual)
+        merit = tree_inner(f_info.residual, f_info.residual, dtype)
+        merit_eval = tree_inner(f_eval_info.residual, f_eval_info.residual, dtype)
+        k = (state.num_accepted + 1).astype(dtype)
+        eta = jnp.asarray(self.nonmonotone, dtype) / k**2
+        slope = jnp.asarray(self.slope, dtype)
+        bound = (1 + eta - slope * state.step_size**2) * merit
+        # NaN/inf trials compare False, so they are rejected.
+        accept = first_step | (merit_eval <= bound)
+        step_size = jnp.where(
+            accept,
+            jnp.asarray(self.step_init, dtype),
+            jnp.asarray(self.decrease_factor, dtype) * state.step_size,
+        )
+        step_size = cast(Scalar, step_size)
+        new_state = _BacktrackingState(
+            step_size=step_size, num_accepted=state.num_accepted + accept.astype(int)
+        )
+        return step_size, accept, optx.RESULTS.successful, new_state
+
+
+DerivativeFreeBacktracking.__init__.__doc__ = """**Arguments:**
+
+- `decrease_factor`: the factor by which the step length shrinks after a rejection.
+- `slope`: $\\sigma$, the sufficient-decrease constant.
+- `step_init`: the first step length tried along each new direction.
+- `nonmonotone`: $\\eta_0$, the summable slack that allows a temporary increase.
+"""

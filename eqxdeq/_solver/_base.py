@@ -1,0 +1,289 @@
+"""The one fixed-point loop that every eqxdeq solver is an instance of: a descent
+(the direction) plus a search (the step length and whether to accept a trial)."""
+
+from collections.abc import Callable
+from typing import Any, Generic
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import optimistix as optx
+from equinox import AbstractVar
+from jaxtyping import Array, Bool, Int, PyTree, Scalar
+
+from .._custom_types import Aux, Y
+from .._misc import (
+    is_python_number,
+    ω,
+    stats_dtype,
+    tree_where,
+    tree_zeros_like_struct,
+    two_norm,
+)
+from .._results import RESULTS
+from .._termination import Termination
+
+
+_Residual = optx.FunctionInfo.Residual
+
+
+class _DescentSearchState(eqx.Module, Generic[Y, Aux]):
+    # The loop.
+    first_step: Bool[Array, ""]
+    y_eval: Y
+    f_info: _Residual  # residual g(y) = f(y) - y at the last accepted iterate y
+    aux: Aux  # aux at the last accepted iterate
+    descent_state: Any
+    search_state: Any
+    # Termination.
+    converged: Bool[Array, ""]
+    diverged: Bool[Array, ""]
+    stalled: Bool[Array, ""]
+    initial_residual: Scalar
+    stall_reference: Scalar
+    steps_since_progress: Int[Array, ""]
+    # Statistics.
+    num_fn_evals: Int[Array, ""]
+    num_accepted_steps: Int[Array, ""]
+    abs_residual: Scalar  # |f(y) - y|_2 at the last accepted iterate
+    rel_residual: Scalar  # |f(y) - y|_2 / |f(y)|_2 at the last accepted iterate
+    best_y: Y | None
+    best_aux: Aux | None
+    best_abs_residual: Scalar
+    best_rel_residual: Scalar
+    residual_history: Array | None
+
+
+class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
+    r"""The generic fixed-point solver: every eqxdeq solver is one of these, with a
+    particular descent and search.
+
+    Each step evaluates $f$ exactly once, at a trial point `y_eval`, and forms the
+    residual $g = f(y_\text{eval}) - y_\text{eval}$, passed to the search and descent
+    as [`optimistix.FunctionInfo.Residual`][]. The search decides whether to accept
+    the trial; if so the descent is queried at the new iterate for a direction. The
+    search then picks a step length $\alpha$ and the next trial is
+    $y + \alpha\,d$. A rejected trial still counts as a step (and an evaluation).
+
+    Subclasses provide the fields `rtol`, `atol`, `norm`, `descent`, `search`,
+    `termination`, `return_best` and `history_length`.
+
+    Supports the following `options`:
+
+    - `step_budget`: a (possibly traced) integer; the solve stops after this many
+        steps with `optimistix.RESULTS.nonlinear_max_steps_reached` unless converged.
+        Unlike `max_steps` it can change between calls without recompiling, e.g. for
+        a curriculum over the depth of a DEQ.
+
+    `sol.stats` holds, for every eqxdeq solver:
+
+    | key | meaning |
+    | --- | --- |
+    | `num_steps`, `max_steps` | from optimistix |
+    | `num_fn_evals` | evaluations of `f` (one per step) |
+    | `num_accepted_steps` | steps the search accepted |
+    | `abs_residual`, `rel_residual` | $\|f(y)-y\|_2$ and $\|f(y)-y\|_2/\|f(y)\|_2$ at the returned $y$ |
+    | `best_abs_residual` | the smallest $\|f(y)-y\|_2$ seen at any evaluated point |
+    | `residual_history` | $\|f(y)-y\|_2$ at each evaluation, NaN-padded (only if `history_length > 0`) |
+    | `result` | the precise [`eqxdeq.RESULTS`][] (distinguishes divergence from a stall) |
+    """  # noqa: E501
+
+    rtol: AbstractVar[float]
+    atol: AbstractVar[float]
+    norm: AbstractVar[Callable[[PyTree], Scalar]]
+    descent: AbstractVar[optx.AbstractDescent]
+    search: AbstractVar[optx.AbstractSearch]
+    termination: AbstractVar[Termination]
+    return_best: AbstractVar[bool]
+    history_length: AbstractVar[int]
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        del fn, args, options, tags
+        dtype = stats_dtype(y)
+        f_info_struct = _Residual(jax.eval_shape(lambda: y))
+        inf = jnp.array(jnp.inf, dtype)
+        zero = jnp.array(0)
+        aux = tree_zeros_like_struct(aux_struct)
+        if self.history_length > 0:
+            history = jnp.full((self.history_length,), jnp.nan, dtype)
+        else:
+            history = None
+        return _DescentSearchState(
+            first_step=jnp.array(True),
+            y_eval=y,
+            f_info=_Residual(tree_zeros_like_struct(f_struct)),
+            aux=aux,
+            descent_state=self.descent.init(y, f_info_struct),
+            search_state=self.search.init(y, f_info_struct),
+            converged=jnp.array(False),
+            diverged=jnp.array(False),
+            stalled=jnp.array(False),
+            initial_residual=inf,
+            stall_reference=inf,
+            steps_since_progress=zero,
+            num_fn_evals=zero,
+            num_accepted_steps=zero,
+            abs_residual=inf,
+            rel_residual=inf,
+            best_y=y if self.return_best else None,
+            best_aux=aux if self.return_best else None,
+            best_abs_residual=inf,
+            best_rel_residual=inf,
+            residual_history=history,
+        )
+
+    def step(self, fn, y, args, options, state, tags):
+        del options, tags
+        dtype = stats_dtype(y)
+        y_eval = state.y_eval
+        f_eval, aux_eval = fn(y_eval, args)
+        g_eval = (f_eval**ω - y_eval**ω).ω
+        f_eval_info = _Residual(g_eval)
+        abs_eval = two_norm(g_eval, dtype)
+        rel_eval = abs_eval / two_norm(f_eval, dtype)
+
+        step_size, accept, search_result, search_state = self.search.step(
+            state.first_step, y, y_eval, state.f_info, f_eval_info, state.search_state
+        )
+        step_size = jnp.asarray(step_size)
+
+        # Accept: the trial becomes the iterate, and the descent gets a new direction.
+        descent_state = lax.cond(
+            accept,
+            lambda s: self.descent.query(y_eval, f_eval_info, s),
+            lambda s: s,
+            state.descent_state,
+        )
+        y_diff, descent_result = self.descent.step(step_size, descent_state)
+        new_y = tree_where(accept, y_eval, y)
+        f_info = tree_where(accept, f_eval_info, state.f_info)
+        aux = tree_where(accept, aux_eval, state.aux)
+        abs_residual = jnp.where(accept, abs_eval, state.abs_residual)
+        rel_residual = jnp.where(accept, rel_eval, state.rel_residual)
+        with jax.numpy_dtype_promotion("standard"):
+            converged = self.termination.converged(
+                self.rtol, self.atol, self.norm, g_eval, f_eval
+            )
+        converged = jnp.where(accept, converged, state.converged)
+
+        # Safe termination.
+        initial_residual = jnp.where(state.first_step, abs_eval, state.initial_residual)
+        diverged = accept & self.termination.diverged(abs_eval, initial_residual)
+        improved = abs_eval < state.best_abs_residual
+        best_abs_residual = jnp.where(improved, abs_eval, state.best_abs_residual)
+        best_rel_residual = jnp.where(improved, rel_eval, state.best_rel_residual)
+        progress = best_abs_residual < (1 - self.termination.stall_tol) * (
+            state.stall_reference
+        )
+        stall_reference = jnp.where(progress, best_abs_residual, state.stall_reference)
+        steps_since_progress = jnp.where(progress, 0, state.steps_since_progress + 1)
+        if self.termination.stall_patience is None:
+            stalled = jnp.array(False)
+        else:
+            stalled = steps_since_progress >= self.termination.stall_patience
+
+        if self.return_best:
+            best_y = tree_where(improved, y_eval, state.best_y)
+            best_aux = tree_where(improved, aux_eval, state.best_aux)
+        else:
+            best_y = best_aux = None
+        if state.residual_history is None:
+            history = None
+        else:
+            history = state.residual_history.at[state.num_fn_evals].set(
+                abs_eval, mode="drop"
+            )
+
+        result = optx.RESULTS.where(
+            search_result == optx.RESULTS.successful, descent_result, search_result
+        )
+        new_state = _DescentSearchState(
+            first_step=jnp.array(False),
+            y_eval=(new_y**ω + y_diff**ω).ω,
+            f_info=f_info,
+            aux=aux,
+            descent_state=descent_state,
+            search_state=search_state,
+            converged=converged,
+            diverged=diverged | (result != optx.RESULTS.successful),
+            stalled=stalled,
+            initial_residual=initial_residual,
+            stall_reference=stall_reference,
+            steps_since_progress=steps_since_progress,
+            num_fn_evals=state.num_fn_evals + 1,
+            num_accepted_steps=state.num_accepted_steps + accept.astype(int),
+            abs_residual=abs_residual,
+            rel_residual=rel_residual,
+            best_y=best_y,
+            best_aux=best_aux,
+            best_abs_residual=best_abs_residual,
+            best_rel_residual=best_rel_residual,
+            residual_history=history,
+        )
+        return new_y, new_state, aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        del fn, y, args, tags
+        out_of_budget = jnp.array(False)
+        budget = options.get("step_budget", None)
+        if budget is not None:
+            out_of_budget = state.num_fn_evals >= budget
+        failed = state.diverged | state.stalled
+        terminate = state.converged | failed | out_of_budget
+        result = optx.RESULTS.where(
+            state.converged,
+            optx.RESULTS.successful,
+            optx.RESULTS.where(
+                failed,
+                optx.RESULTS.nonlinear_divergence,
+                optx.RESULTS.where(
+                    out_of_budget,
+                    optx.RESULTS.nonlinear_max_steps_reached,
+                    optx.RESULTS.successful,
+                ),
+            ),
+        )
+        return terminate, result
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        del fn, args, options, tags
+        detailed = RESULTS.promote(result)
+        detailed = RESULTS.where(
+            result == optx.RESULTS.nonlinear_divergence,
+            RESULTS.where(state.stalled, RESULTS.stalled, RESULTS.diverged),
+            detailed,
+        )
+        if self.return_best:
+            # The last accepted iterate is the best unless a better one was seen.
+            y = state.best_y
+            aux = state.best_aux
+            abs_residual = state.best_abs_residual
+            rel_residual = state.best_rel_residual
+        else:
+            abs_residual = state.abs_residual
+            rel_residual = state.rel_residual
+        stats = {
+            "num_fn_evals": state.num_fn_evals,
+            "num_accepted_steps": state.num_accepted_steps,
+            "abs_residual": abs_residual,
+            "rel_residual": rel_residual,
+            "best_abs_residual": state.best_abs_residual,
+            "result": detailed,
+        }
+        if state.residual_history is not None:
+            stats["residual_history"] = state.residual_history
+        return y, aux, stats
+
+
+def check_solver_fields(solver, name: str):
+    """Validation shared by every named solver's `__check_init__`."""
+    for field in ("rtol", "atol"):
+        value = getattr(solver, field)
+        if is_python_number(value) and not value >= 0:
+            raise ValueError(f"`{name}({field}=...)` must be non-negative.")
+    if not isinstance(solver.history_length, int) or solver.history_length < 0:
+        raise ValueError(f"`{name}(history_length=...)` must be a non-negative int.")
+    if not isinstance(solver.termination, Termination):
+        raise ValueError(f"`{name}(termination=...)` must be an `eqxdeq.Termination`.")
+

@@ -1,0 +1,28 @@
+import optimistix as optx
+
+from .._misc import is_python_number
+from .._search import DerivativeFreeBacktracking
+
+
+COMMON_ARGUMENTS_DOC = """- `termination`: an [`eqxdeq.Termination`][]: the stopping criterion
+    (`"elementwise"`, optimistix's, or `"norm"`, the DEQ convention) and the
+    divergence and stall detection.
+- `return_best`: return the iterate with the smallest residual $\\|f(y)-y\\|_2$ seen,
+    rather than the last accepted one (torchdeq's behaviour). Costs one extra copy of
+    `y` and of the aux output. Default `True`: the returned point is then never worse
+    than any evaluated point, which matters when a solve diverges, stalls or runs out
+    of steps.
+- `history_length`: if positive, `sol.stats["residual_history"]` records
+    $\\|f(y)-y\\|_2$ at the first `history_length` evaluations. Default 0 (no cost).
+"""
+
+
+def make_search(name: str, relaxation, line_search: bool) -> optx.AbstractSearch:
+    """The search of a named solver: fixed damping, or backtracking from it."""
+    if is_python_number(relaxation) and not 0 < relaxation <= 1:
+        raise ValueError(f"`{name}(relaxation=...)` must be in (0, 1].")
+    if not isinstance(line_search, bool):
+        raise ValueError(f"`{name}(line_search=...)` must be a bool.")
+    if line_search:
+        return DerivativeFreeBacktracking(step_init=relaxation)
+    return optx.LearningRate(relaxation)
