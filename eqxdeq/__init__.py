@@ -1,8 +1,15 @@
+from ._adjoint import (
+    ImplicitAdjoint as ImplicitAdjoint,
+    JFB as JFB,
+    PhantomAdjoint as PhantomAdjoint,
+    ShineAdjoint as ShineAdjoint,
+)
 from ._descent import (
     AndersonDescent as AndersonDescent,
     BroydenDescent as BroydenDescent,
     PicardDescent as PicardDescent,
 )
+from ._linear_solver import Neumann as Neumann, Richardson as Richardson
 from ._results import RESULTS as RESULTS
 from ._search import DerivativeFreeBacktracking as DerivativeFreeBacktracking
 from ._solver import (

@@ -176,15 +176,7 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         count = jnp.where(has_prev, jnp.minimum(state.count + 1, m), state.count)
         index = jnp.where(has_prev, (state.index + 1) % m, state.index)
 
-        # Regularised least squares for the mixing coefficients.
-        mask = jnp.arange(m) < count
-        pair_mask = mask[:, None] & mask[None, :]
-        masked_gram = jnp.where(pair_mask, gram, 0)
-        rhs = jnp.where(mask, batched_inner(dg, g, dtype), 0)
-        scale = jnp.trace(masked_gram) / jnp.maximum(count, 1)
-        ridge = self.regularisation * scale + jnp.finfo(dtype).tiny
-        matrix = masked_gram + jnp.diag(jnp.where(mask, ridge, 1))
-        gamma = jnp.linalg.solve(matrix, rhs)
+        gamma = self._coefficients(gram, dg, count, g, dtype)
 
         restart = jnp.invert(jnp.all(jnp.isfinite(gamma)))
         if self.restart_factor is not None:
@@ -193,7 +185,7 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
             )
         gamma = jnp.where(restart, 0, gamma)
         beta = jnp.asarray(self.relaxation, dtype)
-        mixed = batched_combine(gamma, (dy**ω + beta * dg**ω).ω)
+        mixed = batched_combine(gamma, (dy**ω + tree_scale(beta, dg) ** ω).ω)
         direction = (tree_scale(beta, g) ** ω - mixed**ω).ω
         return _AndersonDescentState(
             first=jnp.array(False),
@@ -208,6 +200,30 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
             direction=direction,
             num_restarts=state.num_restarts + restart.astype(int),
         )
+
+    def _coefficients(self, gram, dg, count, x, dtype):
+        """`γ = (ΔGᵀΔG + λI)⁻¹ ΔGᵀ x` over the valid history slots."""
+        mask = jnp.arange(self.memory) < count
+        masked_gram = jnp.where(mask[:, None] & mask[None, :], gram, 0)
+        rhs = jnp.where(mask, batched_inner(dg, x, dtype), 0)
+        scale = jnp.trace(masked_gram) / jnp.maximum(count, 1).astype(dtype)
+        ridge = self.regularisation * scale + jnp.finfo(dtype).tiny
+        matrix = masked_gram + jnp.diag(jnp.where(mask, ridge, 1))
+        return jnp.linalg.solve(matrix, rhs)
+
+    def inverse_jacobian_mv(self, state: _AndersonDescentState, x: Y) -> Y:
+        r"""`H x` for the multisecant estimate $H \approx (\partial g/\partial y)^{-1}$
+        that Anderson mixing implies: the step is $-H g$, i.e.
+        $H = -\beta I + (\Delta Y + \beta \Delta G)
+        (\Delta G^\top \Delta G + \lambda I)^{-1} \Delta G^\top$.
+        """
+        dtype = stats_dtype(x)
+        gamma = self._coefficients(state.gram, state.dg, state.count, x, dtype)
+        beta = jnp.asarray(self.relaxation, dtype)
+        mixed = batched_combine(
+            gamma, (state.dy**ω + tree_scale(beta, state.dg) ** ω).ω
+        )
+        return (mixed**ω - tree_scale(beta, x) ** ω).ω
 
     def step(
         self, step_size: Scalar, state: _AndersonDescentState

@@ -6,11 +6,15 @@ promise); everything else imports `ω` from here.
 
 import functools as ft
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox.internal import ω as ω
 from jaxtyping import Array, Bool, PyTree, Scalar
+
+
+while_loop = eqxi.while_loop
 
 
 def stats_dtype(tree: PyTree) -> jnp.dtype:
@@ -41,9 +45,7 @@ def batched_inner(xs: PyTree[Array], y: PyTree[Array], dtype) -> Array:
     """For `xs` with a leading axis of length `m` on every leaf, returns the vector
     `[<xs[i], y> for i in range(m)]`, accumulated in `dtype`."""
     out = [
-        jnp.einsum(
-            "i...,...->i", a, b, preferred_element_type=dtype
-        ).astype(dtype)
+        jnp.einsum("i...,...->i", a, b, preferred_element_type=dtype).astype(dtype)
         for a, b in zip(jtu.tree_leaves(xs), jtu.tree_leaves(y), strict=True)
     ]
     return ft.reduce(jnp.add, out)
@@ -51,8 +53,11 @@ def batched_inner(xs: PyTree[Array], y: PyTree[Array], dtype) -> Array:
 
 def batched_combine(coeffs: Array, xs: PyTree[Array]) -> PyTree[Array]:
     """`Σ_i coeffs[i] * xs[i]` for `xs` with a leading axis on every leaf."""
+    # In the coefficients' dtype (at least float32), so that bfloat16 buffers are
+    # mixed accurately.
     return jtu.tree_map(
-        lambda a: jnp.tensordot(coeffs.astype(a.dtype), a, axes=1), xs
+        lambda a: jnp.tensordot(coeffs, a.astype(coeffs.dtype), axes=1).astype(a.dtype),
+        xs,
     )
 
 

@@ -30,8 +30,3 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "near `y0`, or the tolerances may be below what this dtype can resolve. The "
         "best iterate seen so far is returned."
     )
-    backward_failed = (
-        "The linear solve in the backward pass (implicit-function-theorem adjoint) "
-        "did not converge. Try a different `linear_solver`, looser backward "
-        "tolerances, more steps, or a more contractive layer."
-    )

@@ -15,11 +15,11 @@ from jaxtyping import Array, Bool, Int, PyTree, Scalar
 from .._custom_types import Aux, Y
 from .._misc import (
     is_python_number,
-    ω,
     stats_dtype,
     tree_where,
     tree_zeros_like_struct,
     two_norm,
+    ω,
 )
 from .._results import RESULTS
 from .._termination import Termination
@@ -286,4 +286,3 @@ def check_solver_fields(solver, name: str):
         raise ValueError(f"`{name}(history_length=...)` must be a non-negative int.")
     if not isinstance(solver.termination, Termination):
         raise ValueError(f"`{name}(termination=...)` must be an `eqxdeq.Termination`.")
-

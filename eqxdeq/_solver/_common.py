@@ -4,9 +4,9 @@ from .._misc import is_python_number
 from .._search import DerivativeFreeBacktracking
 
 
-COMMON_ARGUMENTS_DOC = """- `termination`: an [`eqxdeq.Termination`][]: the stopping criterion
-    (`"elementwise"`, optimistix's, or `"norm"`, the DEQ convention) and the
-    divergence and stall detection.
+COMMON_ARGUMENTS_DOC = """- `termination`: an [`eqxdeq.Termination`][]: the stopping
+    criterion (`"elementwise"`, optimistix's, or `"norm"`, the DEQ convention) and
+    the divergence and stall detection.
 - `return_best`: return the iterate with the smallest residual $\\|f(y)-y\\|_2$ seen,
     rather than the last accepted one (torchdeq's behaviour). Costs one extra copy of
     `y` and of the aux output. Default `True`: the returned point is then never worse

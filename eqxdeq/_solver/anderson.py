@@ -49,7 +49,9 @@ class Anderson(AbstractDescentSearchSolver[Y, Aux]):
         self.rtol = rtol
         self.atol = atol
         self.norm = norm
-        self.descent = AndersonDescent(memory, relaxation, regularisation, restart_factor)
+        self.descent = AndersonDescent(
+            memory, relaxation, regularisation, restart_factor
+        )
         self.search = make_search("Anderson", 1.0, line_search)
         self.termination = termination
         self.return_best = return_best

@@ -48,7 +48,8 @@ class DescentSearchSolver(AbstractDescentSearchSolver[Y, Aux]):
             )
         if not isinstance(self.search, optx.AbstractSearch):
             raise ValueError(
-                "`DescentSearchSolver(search=...)` must be an `optimistix.AbstractSearch`."
+                "`DescentSearchSolver(search=...)` must be an "
+                "`optimistix.AbstractSearch`."
             )
 
 

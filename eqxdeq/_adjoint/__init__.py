@@ -1,0 +1,4 @@
+from .implicit import ImplicitAdjoint as ImplicitAdjoint
+from .jfb import JFB as JFB
+from .phantom import PhantomAdjoint as PhantomAdjoint
+from .shine import ShineAdjoint as ShineAdjoint

@@ -1,0 +1,114 @@
+"""The one mechanism behind eqxdeq's implicit adjoints.
+
+Every gradient method of the implicit-function-theorem family applies some
+approximation of $(I - \\partial f/\\partial y)^{-1}$. Here that is always a lineax
+solve inside optimistix's `implicit_jvp`, on the residual $r(y) = y - f(y)$, or on the
+*preconditioned* residual $r(y) = P\\,(y - f(y))$ where $P \\approx (I - \\partial
+f/\\partial y)^{-1}$ is the forward solver's own inverse-Jacobian estimate (SHINE).
+Because `implicit_jvp` is a `custom_jvp`, forward mode, reverse mode and higher
+derivatives all come from this one definition.
+
+This module also pins the private contract of optimistix's adjoints: the layout of
+`inputs` and of the primal's residual output.
+"""
+
+import functools as ft
+
+import equinox as eqx
+import jax.lax as lax
+import lineax as lx
+import optimistix as optx
+from jaxtyping import PyTree
+
+from .._misc import while_loop, ω
+
+
+# optimistix's `_iterate` takes
+#   inputs = (fn, solver, y0, args, options, max_steps, f_struct, aux_struct, tags)
+# and the adjoint appends a `while_loop`. Its primal returns `(y, residual)` with
+#   residual = (num_steps, result, dynamic_final_state, static_state, aux, stats).
+INPUT_FN, INPUT_SOLVER, INPUT_Y0, INPUT_ARGS = 0, 1, 2, 3
+NUM_INPUTS = 9
+RESIDUAL_STATE = 2
+
+
+def split_inputs(inputs):
+    """`(fn, solver, args)` from an adjoint's `inputs` (with or without the appended
+    `while_loop`)."""
+    if len(inputs) not in (NUM_INPUTS, NUM_INPUTS + 1):
+        raise RuntimeError(
+            "eqxdeq relies on optimistix passing 9 `inputs` to an adjoint, but got "
+            f"{len(inputs)}. This version of optimistix is not supported by eqxdeq."
+        )
+    return inputs[INPUT_FN], inputs[INPUT_SOLVER], inputs[INPUT_ARGS]
+
+
+def lax_while(inputs):
+    """Append the non-differentiable `lax.while_loop` the primal runs in."""
+    return inputs + (ft.partial(while_loop, kind="lax"),)
+
+
+def _rewrite(root, residual, inputs):
+    del residual
+    fn, _, args = split_inputs(inputs)
+    f_val, _ = fn(root, args)
+    return (root**ω - f_val**ω).ω
+
+
+def _preconditioned_rewrite(root, residual, inputs):
+    fn, solver, args = split_inputs(inputs)
+    f_val, _ = fn(root, args)
+    g = (f_val**ω - root**ω).ω
+    descent_state = residual[RESIDUAL_STATE].descent_state
+    # P (y - f(y)) = -H (y - f(y)) = H g, with H ≈ (∂g/∂y)^{-1}, g = f(y) - y.
+    return solver.descent.inverse_jacobian_mv(descent_state, g)
+
+
+def has_inverse_jacobian(solver) -> bool:
+    descent = getattr(solver, "descent", None)
+    return hasattr(descent, "inverse_jacobian_mv")
+
+
+# `implicit_jvp` requires global functions; unwrap the jaxtyping import hook.
+for _name in ("_rewrite", "_preconditioned_rewrite"):
+    _f = globals()[_name]
+    if _f.__globals__["__name__"].startswith("jaxtyping"):
+        globals()[_name] = _f.__wrapped__
+
+
+def _flip_tags(tags: frozenset[object]) -> frozenset[object]:
+    """optimistix's tags describe `∂f/∂y - I`; our operator is `I - ∂f/∂y`."""
+    swap = {
+        lx.positive_semidefinite_tag: lx.negative_semidefinite_tag,
+        lx.negative_semidefinite_tag: lx.positive_semidefinite_tag,
+    }
+    return frozenset(swap.get(tag, tag) for tag in tags)
+
+
+def implicit_apply(
+    primal_fn,
+    inputs: PyTree,
+    tags: frozenset[object],
+    linear_solver: lx.AbstractLinearSolver,
+    *,
+    precondition: bool,
+):
+    """Run the primal loop, with tangents from the implicit function theorem.
+
+    The tangent of the returned fixed point is `A⁻¹ (∂f/∂θ · t)` where `A⁻¹` is
+    applied by `linear_solver` to `A = I - ∂f/∂y` (or to `P A` if `precondition`).
+    """
+    if precondition:
+        rewrite, tags = _preconditioned_rewrite, frozenset()
+    else:
+        rewrite, tags = _rewrite, _flip_tags(tags)
+    return optx.internal.implicit_jvp(
+        primal_fn, rewrite, lax_while(inputs), tags, linear_solver
+    )
+
+
+def stop_gradient_inputs(inputs):
+    """Block all derivatives through the primal's inputs (used by adjoints that
+    differentiate something other than the loop)."""
+    dynamic, static = eqx.partition(inputs, eqx.is_inexact_array)
+    return eqx.combine(lax.stop_gradient(dynamic), static)

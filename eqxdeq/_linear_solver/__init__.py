@@ -1,0 +1,2 @@
+from .neumann import Neumann as Neumann
+from .richardson import Richardson as Richardson
