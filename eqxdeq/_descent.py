@@ -165,11 +165,9 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
 
         # Push (Δy, Δg) into slot `index`, updating one row/column of the Gram matrix.
         slot = state.index
-        dy = tree_where(
-            has_prev, buffer_set(state.dy, slot, (y**ω - state.y_prev**ω).ω), state.dy
-        )
+        dy = buffer_set(state.dy, slot, (y**ω - state.y_prev**ω).ω, has_prev)
         dg_new = (g**ω - state.g_prev**ω).ω
-        dg = tree_where(has_prev, buffer_set(state.dg, slot, dg_new), state.dg)
+        dg = buffer_set(state.dg, slot, dg_new, has_prev)
         row = batched_inner(dg, dg_new, dtype)
         gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
         gram = jnp.where(has_prev, gram, state.gram)
@@ -184,9 +182,10 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
                 has_prev & (g_norm > self.restart_factor * state.g_norm_prev)
             )
         gamma = jnp.where(restart, 0, gamma)
+        # d = β g - ΔY γ - β ΔG γ
         beta = jnp.asarray(self.relaxation, dtype)
-        mixed = batched_combine(gamma, (dy**ω + tree_scale(beta, dg) ** ω).ω)
-        direction = (tree_scale(beta, g) ** ω - mixed**ω).ω
+        mixed_g = (g**ω - batched_combine(gamma, dg) ** ω).ω
+        direction = (tree_scale(beta, mixed_g) ** ω - batched_combine(gamma, dy) ** ω).ω
         return _AndersonDescentState(
             first=jnp.array(False),
             y_prev=y,
@@ -220,10 +219,10 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         dtype = stats_dtype(x)
         gamma = self._coefficients(state.gram, state.dg, state.count, x, dtype)
         beta = jnp.asarray(self.relaxation, dtype)
-        mixed = batched_combine(
-            gamma, (state.dy**ω + tree_scale(beta, state.dg) ** ω).ω
-        )
-        return (mixed**ω - tree_scale(beta, x) ** ω).ω
+        mixed_x = (batched_combine(gamma, state.dg) ** ω - x**ω).ω
+        return (
+            batched_combine(gamma, state.dy) ** ω + tree_scale(beta, mixed_x) ** ω
+        ).ω
 
     def step(
         self, step_size: Scalar, state: _AndersonDescentState
@@ -248,7 +247,7 @@ class _BroydenDescentState(eqx.Module, Generic[Y]):
     u: Y  # (memory, ...)
     v: Y  # (memory, ...)
     count: Int[Array, ""]
-    direction: Y
+    h_g: Y  # H g at the last accepted point, for the current H; the step is -H g.
     num_restarts: Int[Array, ""]
 
 
@@ -319,7 +318,7 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
             u=history_buffer(y, self.memory),
             v=history_buffer(y, self.memory),
             count=jnp.array(0),
-            direction=zeros,
+            h_g=zeros,
             num_restarts=jnp.array(0),
         )
 
@@ -334,15 +333,18 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
     def query(
         self, y: Y, f_info: _Residual, state: _BroydenDescentState
     ) -> _BroydenDescentState:
+        # Two products with the low-rank factors per step (`H g` and `Hᵀ Δy`): the
+        # third one, `H Δg`, is `H g - H g_prev`, and `H g_prev` is remembered.
         g = f_info.residual
         dtype = stats_dtype(y)
         has_prev = jnp.invert(state.first)
         dy = (y**ω - state.y_prev**ω).ω
-        dg = (g**ω - state.g_prev**ω).ω
 
-        full = state.count >= self.memory
+        full = state.count >= self.memory  # reset to H = -I before updating
         count = jnp.where(full, 0, state.count)
-        h_dg = _inv_jac_mv(state.u, state.v, count, dg, dtype)
+        h_g = _inv_jac_mv(state.u, state.v, count, g, dtype)
+        h_g_prev = tree_where(full, (-(state.g_prev**ω)).ω, state.h_g)
+        h_dg = (h_g**ω - h_g_prev**ω).ω
         ht_dy = _inv_jac_mv(state.v, state.u, count, dy, dtype)
         denom = tree_inner(dy, h_dg, dtype)
         size = two_norm(dy, dtype) * two_norm(h_dg, dtype)
@@ -355,13 +357,15 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
         safe_denom = jnp.where(ok, denom, 1)
         u_new = tree_scale(1 / safe_denom, (dy**ω - h_dg**ω).ω)
         ok = ok & tree_allfinite(u_new) & tree_allfinite(ht_dy)
-        u = tree_where(ok, buffer_set(state.u, count, u_new), state.u)
-        v = tree_where(ok, buffer_set(state.v, count, ht_dy), state.v)
+        u = buffer_set(state.u, count, u_new, ok)
+        v = buffer_set(state.v, count, ht_dy, ok)
         count = jnp.where(has_prev, count + ok.astype(int), state.count)
+        # H_new g = H g + u_new (v_newᵀ g)
+        coeff = jnp.where(ok, tree_inner(ht_dy, g, dtype), 0)
+        h_g = (h_g**ω + tree_scale(coeff, u_new) ** ω).ω
 
-        direction = (-(_inv_jac_mv(u, v, count, g, dtype) ** ω)).ω
-        bad = jnp.invert(tree_allfinite(direction))
-        direction = tree_where(bad, g, direction)
+        bad = jnp.invert(tree_allfinite(h_g))  # reset, and take a Picard step
+        h_g = tree_where(bad, (-(g**ω)).ω, h_g)
         restarts = (has_prev & full) | bad
         return _BroydenDescentState(
             first=jnp.array(False),
@@ -370,14 +374,14 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
             u=u,
             v=v,
             count=jnp.where(bad, 0, count),
-            direction=direction,
+            h_g=h_g,
             num_restarts=state.num_restarts + restarts.astype(int),
         )
 
     def step(
         self, step_size: Scalar, state: _BroydenDescentState
     ) -> tuple[Y, optx.RESULTS]:
-        return tree_scale(step_size, state.direction), optx.RESULTS.successful
+        return tree_scale(-step_size, state.h_g), optx.RESULTS.successful
 
 
 BroydenDescent.__init__.__doc__ = """**Arguments:**

@@ -10,8 +10,10 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from equinox.internal import ω as ω
-from jaxtyping import Array, Bool, PyTree, Scalar
+from jax.core import Tracer
+from jaxtyping import Array, ArrayLike, Bool, PyTree, Scalar
 
 
 while_loop = eqxi.while_loop
@@ -84,12 +86,24 @@ def history_buffer(y: PyTree[Array], size: int) -> PyTree[Array]:
     return jtu.tree_map(lambda a: jnp.zeros((size,) + a.shape, a.dtype), y)
 
 
-def buffer_set(buffer: PyTree[Array], index, value: PyTree[Array]) -> PyTree[Array]:
-    return jtu.tree_map(lambda b, v: b.at[index].set(v), buffer, value)
+def buffer_set(
+    buffer: PyTree[Array],
+    index: ArrayLike,
+    value: PyTree[Array],
+    pred: ArrayLike = True,
+) -> PyTree[Array]:
+    """Write `value` into row `index` of every leaf of `buffer` if `pred`. Only that
+    row is touched, so inside a loop XLA updates the buffer in place."""
+    return jtu.tree_map(
+        lambda b, v: b.at[index].set(jnp.where(pred, v, b[index])), buffer, value
+    )
 
 
 def is_python_number(x) -> bool:
-    """True for concrete Python/NumPy scalars (so `__check_init__` can skip tracers)."""
-    return isinstance(x, (bool, int, float)) or (
-        hasattr(x, "shape") and not isinstance(x, jax.core.Tracer) and x.shape == ()
-    )
+    """True for a concrete (non-traced) scalar, so `__check_init__` can validate
+    Python values and let traced ones through."""
+    if isinstance(x, (bool, int, float, np.generic)):
+        return True
+    if isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, Tracer):
+        return x.shape == ()
+    return False

@@ -18,6 +18,7 @@ _Residual = optx.FunctionInfo.Residual
 class _BacktrackingState(eqx.Module):
     step_size: Scalar
     num_accepted: Int[Array, ""]
+    num_rejected: Int[Array, ""]
 
 
 class DerivativeFreeBacktracking(
@@ -37,6 +38,13 @@ class DerivativeFreeBacktracking(
     directions that are not descent directions of the merit function (Anderson,
     Broyden): the summable non-monotone slack $\eta_k$ guarantees that a short enough
     step is accepted.
+
+    In floating point a "short enough" step may round to no step at all, and a
+    quasi-Newton direction that is not a descent direction stays so until its model
+    is updated. So after `max_backtracks` consecutive rejections the (short) trial is
+    accepted anyway: the descent (Broyden, Anderson) then sees a new secant pair
+    along the failed direction and corrects its model. With `return_best=True` (the
+    default) such a step cannot make the returned point of a failed solve worse.
 
     ??? cite "References"
 
@@ -58,6 +66,7 @@ class DerivativeFreeBacktracking(
     slope: ScalarLike = 1e-4
     step_init: ScalarLike = 1.0
     nonmonotone: ScalarLike = 1e-2
+    max_backtracks: int = 8
 
     def __check_init__(self):
         checks = (
@@ -66,6 +75,10 @@ class DerivativeFreeBacktracking(
             ("step_init", lambda x: 0 < x <= 1, "must be in (0, 1]"),
             ("nonmonotone", lambda x: x >= 0, "must be non-negative"),
         )
+        if not isinstance(self.max_backtracks, int) or self.max_backtracks < 1:
+            raise ValueError(
+                "`DerivativeFreeBacktracking(max_backtracks=...)` must be an int >= 1."
+            )
         for name, ok, message in checks:
             value = getattr(self, name)
             if is_python_number(value) and not ok(value):
@@ -75,7 +88,9 @@ class DerivativeFreeBacktracking(
         del f_info_struct
         dtype = stats_dtype(y)
         return _BacktrackingState(
-            step_size=jnp.array(self.step_init, dtype), num_accepted=jnp.array(0)
+            step_size=jnp.array(self.step_init, dtype),
+            num_accepted=jnp.array(0),
+            num_rejected=jnp.array(0),
         )
 
     def step(
@@ -96,7 +111,8 @@ class DerivativeFreeBacktracking(
         slope = jnp.asarray(self.slope, dtype)
         bound = (1 + eta - slope * state.step_size**2) * merit
         # NaN/inf trials compare False, so they are rejected.
-        accept = first_step | (merit_eval <= bound)
+        give_up = state.num_rejected >= self.max_backtracks
+        accept = first_step | give_up | (merit_eval <= bound)
         step_size = jnp.where(
             accept,
             jnp.asarray(self.step_init, dtype),
@@ -104,7 +120,9 @@ class DerivativeFreeBacktracking(
         )
         step_size = cast(Scalar, step_size)
         new_state = _BacktrackingState(
-            step_size=step_size, num_accepted=state.num_accepted + accept.astype(int)
+            step_size=step_size,
+            num_accepted=state.num_accepted + accept.astype(int),
+            num_rejected=jnp.where(accept, 0, state.num_rejected + 1),
         )
         return step_size, accept, optx.RESULTS.successful, new_state
 
@@ -115,4 +133,6 @@ DerivativeFreeBacktracking.__init__.__doc__ = """**Arguments:**
 - `slope`: $\\sigma$, the sufficient-decrease constant.
 - `step_init`: the first step length tried along each new direction.
 - `nonmonotone`: $\\eta_0$, the summable slack that allows a temporary increase.
+- `max_backtracks`: after this many consecutive rejections the trial is accepted
+    regardless (see above). Default 8, i.e. a step of $2^{-8}$.
 """

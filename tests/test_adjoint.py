@@ -93,10 +93,19 @@ exact_adjoints = {
 }
 
 
-@pytest.mark.parametrize("name", list(exact_adjoints))
-@pytest.mark.parametrize("radius", [0.5, 0.9, 0.99])
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-@pytest.mark.parametrize("solver_cls", [eqxdeq.Anderson, eqxdeq.Broyden])
+def _exact_cases():
+    """All exact adjoints at radius 0.5 and 0.99 in both dtypes with Anderson; the
+    rest of the cross-product (Broyden, radius 0.9) is marked slow."""
+    for name in exact_adjoints:
+        for dtype in (jnp.float64, jnp.float32):
+            for radius in (0.5, 0.9, 0.99):
+                for solver_cls in (eqxdeq.Anderson, eqxdeq.Broyden):
+                    slow = radius == 0.9 or solver_cls is eqxdeq.Broyden
+                    marks = [pytest.mark.slow] if slow else []
+                    yield pytest.param(name, radius, dtype, solver_cls, marks=marks)
+
+
+@pytest.mark.parametrize("name, radius, dtype, solver_cls", list(_exact_cases()))
 def test_exact_adjoints(name, radius, dtype, solver_cls):
     fn, y0, args = tanh_problem(
         jr.PRNGKey(0), n=12, batch=3, radius=radius, dtype=dtype
@@ -138,13 +147,14 @@ def test_phantom_converges_to_exact_like_rho_to_the_k(mode):
     grad = grad_through(args, fn, solver, y0, eqxdeq.PhantomAdjoint(first, mode=mode))
     assert rel_error(grad, jfb) < 1e-10
     errors = []
-    for k in range(first, first + 8):
+    for k in range(first, first + 8, 2):
         adjoint = eqxdeq.PhantomAdjoint(steps=k, mode=mode)
         errors.append(rel_error(grad_through(args, fn, solver, y0, adjoint), ref))
     ratios = [b / a for a, b in zip(errors, errors[1:])]
-    # The error contracts by about the spectral radius of ∂f/∂y per term (≤ radius).
-    assert all(r < radius * 1.1 for r in ratios), ratios
-    assert errors[-1] < 1e-2 * errors[0]
+    # The error contracts by about the spectral radius of ∂f/∂y per term (≤ radius),
+    # so by about radius² every two terms.
+    assert all(r < radius**2 * 1.2 for r in ratios), ratios
+    assert errors[-1] < 0.05 * errors[0]
 
 
 def test_phantom_damping():
@@ -295,10 +305,10 @@ def test_memory_flat_in_max_steps():
         return compiled.memory_analysis().temp_size_in_bytes
 
     for adjoint in (eqxdeq.ImplicitAdjoint(), eqxdeq.JFB(), eqxdeq.ShineAdjoint()):
-        assert temp_bytes(adjoint, 64) == temp_bytes(adjoint, 8192)
+        assert temp_bytes(adjoint, 16) == temp_bytes(adjoint, 4096)
     # ... whereas backpropagating through the iterations grows with max_steps.
     bptt = optx.RecursiveCheckpointAdjoint()
-    assert temp_bytes(bptt, 8192) > 2 * temp_bytes(bptt, 64)
+    assert temp_bytes(bptt, 4096) > 2 * temp_bytes(bptt, 16)
 
 
 _FAILING_BACKWARD = """

@@ -78,7 +78,7 @@ for _name in ("_rewrite", "_preconditioned_rewrite"):
 
 def _flip_tags(tags: frozenset[object]) -> frozenset[object]:
     """optimistix's tags describe `∂f/∂y - I`; our operator is `I - ∂f/∂y`."""
-    swap = {
+    swap: dict[object, object] = {
         lx.positive_semidefinite_tag: lx.negative_semidefinite_tag,
         lx.negative_semidefinite_tag: lx.positive_semidefinite_tag,
     }

@@ -28,6 +28,11 @@ from .._termination import Termination
 _Residual = optx.FunctionInfo.Residual
 
 
+def _always_accepts(search: optx.AbstractSearch) -> bool:
+    """Searches that accept every trial (fixed step lengths)."""
+    return isinstance(search, optx.LearningRate)
+
+
 class _DescentSearchState(eqx.Module, Generic[Y, Aux]):
     # The loop.
     first_step: Bool[Array, ""]
@@ -149,16 +154,22 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         step_size = jnp.asarray(step_size)
 
         # Accept: the trial becomes the iterate, and the descent gets a new direction.
-        descent_state = lax.cond(
-            accept,
-            lambda s: self.descent.query(y_eval, f_eval_info, s),
-            lambda s: s,
-            state.descent_state,
-        )
+        if _always_accepts(self.search):
+            # No branch and no selects: lets XLA fuse the step (Picard's hot path).
+            accept = jnp.array(True)
+            descent_state = self.descent.query(y_eval, f_eval_info, state.descent_state)
+            new_y, f_info, aux = y_eval, f_eval_info, aux_eval
+        else:
+            descent_state = lax.cond(
+                accept,
+                lambda s: self.descent.query(y_eval, f_eval_info, s),
+                lambda s: s,
+                state.descent_state,
+            )
+            new_y = tree_where(accept, y_eval, y)
+            f_info = tree_where(accept, f_eval_info, state.f_info)
+            aux = tree_where(accept, aux_eval, state.aux)
         y_diff, descent_result = self.descent.step(step_size, descent_state)
-        new_y = tree_where(accept, y_eval, y)
-        f_info = tree_where(accept, f_eval_info, state.f_info)
-        aux = tree_where(accept, aux_eval, state.aux)
         abs_residual = jnp.where(accept, abs_eval, state.abs_residual)
         rel_residual = jnp.where(accept, rel_eval, state.rel_residual)
         with jax.numpy_dtype_promotion("standard"):
@@ -255,11 +266,18 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             detailed,
         )
         if self.return_best:
-            # The last accepted iterate is the best unless a better one was seen.
-            y = state.best_y
-            aux = state.best_aux
-            abs_residual = state.best_abs_residual
-            rel_residual = state.best_rel_residual
+            # A converged solve returns its last iterate, which meets the tolerance
+            # (the iterate of smallest 2-norm residual need not, under an elementwise
+            # or relative criterion). Otherwise the best iterate seen is returned.
+            use_best = jnp.logical_not(state.converged)
+            y = tree_where(use_best, state.best_y, y)
+            aux = tree_where(use_best, state.best_aux, aux)
+            abs_residual = jnp.where(
+                use_best, state.best_abs_residual, state.abs_residual
+            )
+            rel_residual = jnp.where(
+                use_best, state.best_rel_residual, state.rel_residual
+            )
         else:
             abs_residual = state.abs_residual
             rel_residual = state.rel_residual

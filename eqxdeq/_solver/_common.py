@@ -7,11 +7,11 @@ from .._search import DerivativeFreeBacktracking
 COMMON_ARGUMENTS_DOC = """- `termination`: an [`eqxdeq.Termination`][]: the stopping
     criterion (`"elementwise"`, optimistix's, or `"norm"`, the DEQ convention) and
     the divergence and stall detection.
-- `return_best`: return the iterate with the smallest residual $\\|f(y)-y\\|_2$ seen,
-    rather than the last accepted one (torchdeq's behaviour). Costs one extra copy of
-    `y` and of the aux output. Default `True`: the returned point is then never worse
-    than any evaluated point, which matters when a solve diverges, stalls or runs out
-    of steps.
+- `return_best`: if the solve does not converge (it diverges, stalls or runs out of
+    steps), return the iterate with the smallest residual $\\|f(y)-y\\|_2$ seen
+    rather than the last accepted one (torchdeq's behaviour). A converged solve
+    always returns its last iterate, the one that met the tolerance. Costs one extra
+    copy of `y` and of the aux output. Default `True`.
 - `history_length`: if positive, `sol.stats["residual_history"]` records
     $\\|f(y)-y\\|_2$ at the first `history_length` evaluations. Default 0 (no cost).
 """

@@ -1,0 +1,530 @@
+"""Forward-solve benchmark of eqxdeq's fixed-point solvers against baselines.
+
+Problems: tanh DEQ layers `z ↦ tanh(z W + x U + b)` in float32, with a symmetric `W` of
+spectral norm `radius` and small inputs (so the layer's Jacobian is near-critical).
+For each problem and solver it measures the number of evaluations of `f`, the final
+relative residual, and the median wall time of a jit-compiled solve, and compares with
+a hand-written `lax.while_loop` Picard iteration doing the same arithmetic and the same
+stopping test.
+
+    PYTHONPATH=. python benchmarks/bench_solvers.py            # the full issue sizes
+    PYTHONPATH=. python benchmarks/bench_solvers.py --quick    # smoke run, < 1 minute
+
+See benchmarks/README.md for what every column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import optimistix as optx
+
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as `benchmarks.…`
+    from _common import (  # pyright: ignore[reportMissingImports]
+        elementwise_error,
+        environment,
+        fmt_ratio,
+        fmt_time,
+        load_average,
+        make_tanh_problem,
+        markdown_table,
+        Problem,
+        ProblemSpec,
+        relative_residual,
+        time_interleaved_all,
+    )
+except ImportError:
+    from ._common import (
+        elementwise_error,
+        environment,
+        fmt_ratio,
+        fmt_time,
+        load_average,
+        make_tanh_problem,
+        markdown_table,
+        Problem,
+        ProblemSpec,
+        relative_residual,
+        time_interleaved_all,
+    )
+
+import eqxdeq
+
+
+try:
+    import jaxopt
+except ImportError:  # jaxopt is optional: its rows are skipped.
+    jaxopt = None
+
+
+FULL_PROBLEMS = ("256x32@0.9", "256x32@0.99", "2048x8@0.9")
+QUICK_PROBLEMS = ("64x8@0.99",)
+
+BARE = "bare lax.while_loop Picard"
+PICARD = "eqxdeq.Picard"
+ANDERSON5 = "eqxdeq.Anderson(m=5)"
+ANDERSON10 = "eqxdeq.Anderson(m=10)"
+BROYDEN = "eqxdeq.Broyden"
+BROYDEN_LS = "eqxdeq.Broyden(line_search=True)"
+ACCELERATED = (ANDERSON5, ANDERSON10, BROYDEN, BROYDEN_LS)
+
+
+@dataclasses.dataclass
+class Config:
+    rtol: float
+    atol: float
+    max_steps: int
+
+
+@dataclasses.dataclass
+class Row:
+    problem: str
+    radius: float
+    n: int
+    solver: str
+    f_evals: int
+    rel_residual: float
+    criterion: float  # max|f(z)-z| / (atol + rtol |f(z)|) at the returned z
+    result: str
+    time: float  # median seconds per solve
+    time_min: float  # fastest solve (least disturbed by other processes)
+    diagnostic: bool = False
+
+    @property
+    def time_per_eval(self) -> float:
+        return self.time / self.f_evals if self.f_evals > 0 else math.nan
+
+    @property
+    def time_min_per_eval(self) -> float:
+        return self.time_min / self.f_evals if self.f_evals > 0 else math.nan
+
+
+# A solver entry: (problem, config) -> jit-compiled `solve(y0, args)` returning
+# `(z, f_evals, result_code)`, and a function decoding `result_code` to a string.
+SolveFn = Callable[[jax.Array, Any], tuple[jax.Array, jax.Array, jax.Array]]
+Entry = Callable[[Problem, Config], tuple[SolveFn, Callable[[Any], str]]]
+
+
+def _enum_names(enumeration) -> dict[int, str]:
+    return {
+        int(item._value): name
+        for name, item in enumeration._name_to_item.items()  # pyright: ignore
+    }
+
+
+_EQXDEQ_RESULTS = _enum_names(eqxdeq.RESULTS)
+_OPTX_RESULTS = _enum_names(optx.RESULTS)
+
+
+def bare_picard(problem: Problem, cfg: Config):
+    """The reference: `z ← f(z)` until `max|f(z) − z| / (atol + rtol |f(z)|) < 1`."""
+    fn = problem.fn
+
+    def solve(y0, args):
+        def cond(carry):
+            _, err, k = carry
+            return (err >= 1) & (k < cfg.max_steps)
+
+        def body(carry):
+            z, _, k = carry
+            fz = fn(z, args)
+            err = jnp.max(jnp.abs(fz - z) / (cfg.atol + cfg.rtol * jnp.abs(fz)))
+            return fz, err, k + 1
+
+        init = (y0, jnp.array(jnp.inf, y0.dtype), jnp.array(0))
+        z, err, k = lax.while_loop(cond, body, init)
+        return z, k, (err < 1).astype(int)
+
+    return jax.jit(solve), _converged_name
+
+
+def _converged_name(code) -> str:
+    # optimistix's names, for one column across all solvers.
+    return "successful" if code else "nonlinear_max_steps_reached"
+
+
+def eqxdeq_entry(make_solver: Callable[[Config], Any]) -> Entry:
+    def entry(problem: Problem, cfg: Config):
+        solver = make_solver(cfg)
+
+        def solve(y0, args):
+            sol = optx.fixed_point(
+                problem.fn,
+                solver,
+                y0,
+                args,
+                max_steps=cfg.max_steps,
+                throw=False,
+                # optimistix's `has_aux` convention: `fn` returns just `f(z)`.
+            )
+            return sol.value, sol.stats["num_fn_evals"], sol.stats["result"]._value
+
+        return jax.jit(solve), lambda code: _EQXDEQ_RESULTS[int(code)]
+
+    return entry
+
+
+def optx_fpi(problem: Problem, cfg: Config):
+    solver = optx.FixedPointIteration(cfg.rtol, cfg.atol, norm=optx.max_norm)
+
+    def solve(y0, args):
+        sol = optx.fixed_point(
+            problem.fn, solver, y0, args, max_steps=cfg.max_steps, throw=False
+        )
+        return sol.value, sol.stats["num_steps"], sol.result._value
+
+    return jax.jit(solve), lambda code: _OPTX_RESULTS[int(code)]
+
+
+def jaxopt_entry(kind: str, tol: float) -> Entry:
+    """jaxopt only has an absolute ℓ2 test `‖T(z) − z‖₂ ≤ tol`; `tol` is calibrated
+    per problem (see `main`)."""
+
+    def entry(problem: Problem, cfg: Config):
+        fn = problem.fn
+        if kind == "fpi":
+            solver = jaxopt.FixedPointIteration(  # pyright: ignore
+                fixed_point_fun=fn, maxiter=cfg.max_steps, tol=tol
+            )
+        else:
+            solver = jaxopt.AndersonAcceleration(  # pyright: ignore
+                fixed_point_fun=fn, history_size=5, maxiter=cfg.max_steps, tol=tol
+            )
+
+        def solve(y0, args):
+            params, state = solver.run(y0, args)
+            return params, state.num_fun_eval, (state.error <= tol).astype(int)
+
+        return jax.jit(solve), _converged_name
+
+    return entry
+
+
+def solver_entries(args) -> dict[str, tuple[Entry, bool]]:
+    """name -> (entry, is_diagnostic). The bare loop comes first."""
+    entries: dict[str, tuple[Entry, bool]] = {
+        BARE: (bare_picard, False),
+        PICARD: (eqxdeq_entry(lambda c: eqxdeq.Picard(c.rtol, c.atol)), False),
+        ANDERSON5: (eqxdeq_entry(lambda c: eqxdeq.Anderson(c.rtol, c.atol)), False),
+        ANDERSON10: (
+            eqxdeq_entry(lambda c: eqxdeq.Anderson(c.rtol, c.atol, memory=10)),
+            False,
+        ),
+        BROYDEN: (eqxdeq_entry(lambda c: eqxdeq.Broyden(c.rtol, c.atol)), False),
+        BROYDEN_LS: (
+            eqxdeq_entry(lambda c: eqxdeq.Broyden(c.rtol, c.atol, line_search=True)),
+            False,
+        ),
+        "optx.FixedPointIteration": (optx_fpi, False),
+    }
+    if args.picard_variants:
+        no_div = eqxdeq.Termination(divergence_factor=None)
+        entries["  Picard(return_best=False)"] = (
+            eqxdeq_entry(lambda c: eqxdeq.Picard(c.rtol, c.atol, return_best=False)),
+            True,
+        )
+        entries["  Picard(return_best=False, divergence_factor=None)"] = (
+            eqxdeq_entry(
+                lambda c: eqxdeq.Picard(
+                    c.rtol, c.atol, return_best=False, termination=no_div
+                )
+            ),
+            True,
+        )
+    return entries
+
+
+def run_problem(problem: Problem, cfg: Config, args) -> list[Row]:
+    entries = solver_entries(args)
+    compiled: dict[str, SolveFn] = {}
+    decoders: dict[str, Callable[[Any], str]] = {}
+    diagnostic: dict[str, bool] = {}
+    for name, (entry, is_diag) in entries.items():
+        compiled[name], decoders[name] = entry(problem, cfg)
+        diagnostic[name] = is_diag
+
+    # The bare loop first: it calibrates jaxopt's absolute ℓ2 tolerance to the ℓ2
+    # residual at which the elementwise test first passes.
+    z_bare, k_bare, _ = compiled[BARE](problem.y0, problem.args)
+    jax.block_until_ready(z_bare)
+    if jaxopt is not None and not args.no_jaxopt:
+        k_bare = int(k_bare)
+        z_prev = _picard_iterate(problem, k_bare - 1)
+        tol = float(jnp.linalg.norm(problem.fn(z_prev, problem.args) - z_prev))
+        for kind, name in (
+            ("fpi", "jaxopt.FixedPointIteration"),
+            ("anderson", "jaxopt.AndersonAcceleration(m=5)"),
+        ):
+            compiled[name], decoders[name] = jaxopt_entry(kind, tol)(problem, cfg)
+            diagnostic[name] = False
+
+    start = time.perf_counter()
+    outputs = {}
+    for name, fn in compiled.items():
+        outputs[name] = jax.block_until_ready(fn(problem.y0, problem.args))
+    compile_time = time.perf_counter() - start
+    load_before = load_average()
+    all_times = time_interleaved_all(
+        compiled,
+        problem.y0,
+        problem.args,
+        repeats=args.repeats,
+        warmup=0,
+        min_time=args.min_time,
+    )
+    times = {name: statistics.median(ts) for name, ts in all_times.items()}
+    print(
+        f"  {problem.name}: compiled {len(compiled)} solvers in {compile_time:.1f} s, "
+        f"timed {len(next(iter(all_times.values())))} rounds in "
+        f"{sum(sum(ts) for ts in all_times.values()):.1f} s, load average "
+        f"{load_before} → {load_average()}",
+        file=sys.stderr,
+        flush=True,
+    )
+    rows = []
+    spec = problem.spec
+    label = f"{spec.n}×{spec.batch}, r={spec.radius:g}"
+    for name, (z, evals, code) in outputs.items():
+        rows.append(
+            Row(
+                problem=label,
+                radius=problem.spec.radius,
+                n=problem.spec.n,
+                solver=name,
+                f_evals=int(evals),
+                rel_residual=relative_residual(problem, z),
+                criterion=elementwise_error(problem, z, cfg.rtol, cfg.atol),
+                result=decoders[name](code),
+                time=times[name],
+                time_min=min(all_times[name]),
+                diagnostic=diagnostic[name],
+            )
+        )
+    return rows
+
+
+def _picard_iterate(problem: Problem, k: int) -> jax.Array:
+    """`f^k(y0)`, to calibrate jaxopt's tolerance."""
+    fn = jax.jit(lambda y, a: lax.fori_loop(0, k, lambda _, z: problem.fn(z, a), y))
+    return fn(problem.y0, problem.args)
+
+
+def _get(rows: list[Row], problem: str, solver: str) -> Row | None:
+    for row in rows:
+        if row.problem == problem and row.solver == solver:
+            return row
+    return None
+
+
+def results_table(rows: list[Row]) -> str:
+    headers = [
+        "problem",
+        "solver",
+        "f-evals",
+        "rel. residual",
+        "result",
+        "time / solve",
+        "time / f-eval",
+        "time vs loop",
+        "per-eval vs loop",
+        "f-evals vs Picard",
+    ]
+    body = []
+    for row in rows:
+        bare = _get(rows, row.problem, BARE)
+        picard = _get(rows, row.problem, PICARD)
+        assert bare is not None
+        body.append(
+            [
+                row.problem,
+                row.solver,
+                row.f_evals,
+                f"{row.rel_residual:.2e}",
+                row.result,
+                fmt_time(row.time),
+                fmt_time(row.time_per_eval),
+                fmt_ratio(row.time / bare.time),
+                fmt_ratio(row.time_per_eval / bare.time_per_eval),
+                fmt_ratio(row.f_evals / picard.f_evals) if picard else "—",
+            ]
+        )
+    return markdown_table(headers, body, align="llrrlrrrrr")
+
+
+def overhead_lines(rows: list[Row]) -> list[str]:
+    """Per-step overhead of Anderson (m=5) and Broyden relative to Picard's cost per
+    evaluation (and to the bare loop's, ≈ the cost of one `f`)."""
+    lines = []
+    problems = dict.fromkeys(r.problem for r in rows)
+    for problem in problems:
+        picard = _get(rows, problem, PICARD)
+        bare = _get(rows, problem, BARE)
+        if picard is None or bare is None:
+            continue
+        parts = []
+        for name in (ANDERSON5, BROYDEN):
+            row = _get(rows, problem, name)
+            if row is None:
+                continue
+            over = (row.time_per_eval - picard.time_per_eval) / picard.time_per_eval
+            over_bare = (row.time_per_eval - bare.time_per_eval) / bare.time_per_eval
+            parts.append(
+                f"{name}: {over:+.0%} of Picard's time/eval "
+                f"({fmt_time(row.time_per_eval - picard.time_per_eval)}/step; "
+                f"{over_bare:+.0%} vs the bare loop's)"
+            )
+        lines.append(f"- per-step overhead, {problem}: " + "; ".join(parts))
+    return lines
+
+
+def target_lines(rows: list[Row], overhead_threshold: float) -> list[str]:
+    """The issue's targets, each marked met / MISSED."""
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**MISSED**"
+
+    lines = []
+    problems = dict.fromkeys(r.problem for r in rows)
+    for problem in problems:
+        picard, bare = _get(rows, problem, PICARD), _get(rows, problem, BARE)
+        if picard is None or bare is None:
+            continue
+        ratio = picard.time_per_eval / bare.time_per_eval
+        ratio_min = picard.time_min_per_eval / bare.time_min_per_eval
+        lines.append(
+            f"- Picard per f-eval ≤ 1.05× bare loop, {problem}: {ratio:.2f}× "
+            f"(fastest solves: {ratio_min:.2f}×) — {mark(ratio <= 1.05)}"
+        )
+    for problem in problems:
+        picard = _get(rows, problem, PICARD)
+        row0 = _get(rows, problem, BARE)
+        if picard is None or row0 is None or row0.radius < 0.99:
+            continue
+        for name in ACCELERATED:
+            row = _get(rows, problem, name)
+            if row is None:
+                continue
+            ratio = row.f_evals / picard.f_evals
+            lines.append(
+                f"- {name} f-evals ≤ 0.25× Picard's, {problem}: {ratio:.3f}× — "
+                f"{mark(ratio <= 0.25 and row.result == 'successful')}"
+            )
+    for problem in problems:
+        picard = _get(rows, problem, PICARD)
+        if picard is None or picard.n < 256:
+            continue
+        for name in (ANDERSON5, BROYDEN):
+            row = _get(rows, problem, name)
+            if row is None:
+                continue
+            over = (row.time_per_eval - picard.time_per_eval) / picard.time_per_eval
+            lines.append(
+                f"- {name} per-step overhead ≤ {overhead_threshold:.0%} of one Picard "
+                f"step, {problem}: {over:+.0%} — {mark(over <= overhead_threshold)}"
+            )
+    return lines
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: problems {', '.join(QUICK_PROBLEMS)} (under a minute)",
+    )
+    parser.add_argument(
+        "--problems",
+        nargs="+",
+        metavar="NxBATCH@RADIUS",
+        help=f"problems to run (default: {' '.join(FULL_PROBLEMS)})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed solves per solver (median; ≥ 5)"
+    )
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=5.0,
+        help="keep timing rounds (up to 200) until they took this many seconds per "
+        "problem: more samples for cheap solves",
+    )
+    parser.add_argument("--rtol", type=float, default=1e-5)
+    parser.add_argument("--atol", type=float, default=1e-5)
+    parser.add_argument("--max-steps", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-jaxopt", action="store_true", help="skip jaxopt rows")
+    parser.add_argument(
+        "--picard-variants",
+        action="store_true",
+        help="also time diagnostic variants of eqxdeq.Picard (indented rows)",
+    )
+    parser.add_argument(
+        "--overhead-threshold",
+        type=float,
+        default=0.25,
+        help="per-step overhead counted as 'small' next to one f evaluation",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    if args.problems is None:
+        args.problems = QUICK_PROBLEMS if args.quick else FULL_PROBLEMS
+    if args.repeats < 1:
+        parser.error("--repeats must be ≥ 1")
+    return args
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(argv)
+    cfg = Config(rtol=args.rtol, atol=args.atol, max_steps=args.max_steps)
+    specs = [ProblemSpec.parse(p) for p in args.problems]
+    start = time.perf_counter()
+    load_start = load_average()
+    rows: list[Row] = []
+    for spec in specs:
+        problem = make_tanh_problem(spec, seed=args.seed)
+        rows += run_problem(problem, cfg, args)
+
+    print(f"## eqxdeq solver benchmark\n\nMachine: {environment()}\n")
+    print(
+        f"float32 tanh layers `z ↦ tanh(z W + x U + b)`; rtol = {cfg.rtol:g}, "
+        f"atol = {cfg.atol:g} (elementwise test, max norm), max_steps = "
+        f"{cfg.max_steps}, median of ≥ {args.repeats} solves. Load average "
+        f"{load_start} at the start, {load_average()} at the end.\n"
+    )
+    print(results_table(rows))
+    print()
+    if jaxopt is None:
+        print("_jaxopt is not installed: its rows are skipped._\n")
+    elif args.no_jaxopt:
+        print("_jaxopt rows skipped (--no-jaxopt)._\n")
+    else:
+        print(
+            "_jaxopt stops on an absolute ℓ2 test `‖T(z) − z‖₂ ≤ tol`; tol is set per "
+            "problem to the ℓ2 residual at which the bare loop's elementwise test "
+            "first passes. jaxopt's f-evals are `state.num_fun_eval`._\n"
+        )
+    print("Per-step overhead (time per f-eval minus Picard's, over Picard's):\n")
+    print("\n".join(overhead_lines(rows)))
+    print("\nTargets:\n")
+    print("\n".join(target_lines(rows, args.overhead_threshold)))
+    print(f"\n_total wall time {time.perf_counter() - start:.0f} s_")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
