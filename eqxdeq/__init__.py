@@ -2,11 +2,14 @@ from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     JFB as JFB,
     PhantomAdjoint as PhantomAdjoint,
+    ReversibleAdjoint as ReversibleAdjoint,
     ShineAdjoint as ShineAdjoint,
 )
 from ._descent import (
+    AbstractJacobianDescent as AbstractJacobianDescent,
     AndersonDescent as AndersonDescent,
     BroydenDescent as BroydenDescent,
+    NewtonKrylovDescent as NewtonKrylovDescent,
     PicardDescent as PicardDescent,
 )
 from ._linear_solver import Neumann as Neumann, Richardson as Richardson
@@ -17,7 +20,10 @@ from ._solver import (
     Anderson as Anderson,
     Broyden as Broyden,
     DescentSearchSolver as DescentSearchSolver,
+    Fallback as Fallback,
+    NewtonKrylov as NewtonKrylov,
     Picard as Picard,
+    Reversible as Reversible,
 )
 from ._termination import Termination as Termination
 

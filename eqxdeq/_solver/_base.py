@@ -1,6 +1,7 @@
 """The one fixed-point loop that every eqxdeq solver is an instance of: a descent
 (the direction) plus a search (the step length and whether to accept a trial)."""
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Generic
 
@@ -8,11 +9,13 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import lineax as lx
 import optimistix as optx
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from .._custom_types import Aux, Y
+from .._descent import AbstractJacobianDescent
 from .._misc import (
     is_python_number,
     stats_dtype,
@@ -31,6 +34,25 @@ _Residual = optx.FunctionInfo.Residual
 def _always_accepts(search: optx.AbstractSearch) -> bool:
     """Searches that accept every trial (fixed step lengths)."""
     return isinstance(search, optx.LearningRate)
+
+
+def _needs_jacobian(descent: optx.AbstractDescent) -> bool:
+    """Descents fed `FunctionInfo.ResidualJac` rather than `FunctionInfo.Residual`."""
+    return isinstance(descent, (AbstractJacobianDescent, optx.NewtonDescent))
+
+
+def _evaluate(fn, y, args, jacobian: bool):
+    """`f(y)`, its aux and, if `jacobian`, the matrix-free operator `∂g/∂y` of
+    `g(y) = f(y) - y`. Either way `f` is evaluated once: `jax.linearize` returns the
+    primal output and a tangent map that re-evaluates nothing."""
+    if not jacobian:
+        f, aux = fn(y, args)
+        return f, aux, None
+    f, f_jvp, aux = jax.linearize(lambda z: fn(z, args), y, has_aux=True)
+    jac = lx.FunctionLinearOperator(
+        lambda v: (f_jvp(v) ** ω - v**ω).ω, jax.eval_shape(lambda: y)
+    )
+    return f, aux, jac
 
 
 class _DescentSearchState(eqx.Module, Generic[Y, Aux]):
@@ -55,6 +77,7 @@ class _DescentSearchState(eqx.Module, Generic[Y, Aux]):
     rel_residual: Scalar  # |f(y) - y|_2 / |f(y)|_2 at the last accepted iterate
     best_y: Y | None
     best_aux: Aux | None
+    best_residual: Y | None
     best_abs_residual: Scalar
     best_rel_residual: Scalar
     residual_history: Array | None
@@ -133,6 +156,9 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             rel_residual=inf,
             best_y=y if self.return_best else None,
             best_aux=aux if self.return_best else None,
+            best_residual=(
+                tree_zeros_like_struct(f_struct) if self.return_best else None
+            ),
             best_abs_residual=inf,
             best_rel_residual=inf,
             residual_history=history,
@@ -142,9 +168,15 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         del options, tags
         dtype = stats_dtype(y)
         y_eval = state.y_eval
-        f_eval, aux_eval = fn(y_eval, args)
+        f_eval, aux_eval, jac_eval = _evaluate(
+            fn, y_eval, args, _needs_jacobian(self.descent)
+        )
         g_eval = (f_eval**ω - y_eval**ω).ω
         f_eval_info = _Residual(g_eval)
+        if jac_eval is None:
+            query_info = f_eval_info
+        else:
+            query_info = optx.FunctionInfo.ResidualJac(g_eval, jac_eval)
         abs_eval = two_norm(g_eval, dtype)
         rel_eval = abs_eval / two_norm(f_eval, dtype)
 
@@ -157,12 +189,12 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         if _always_accepts(self.search):
             # No branch and no selects: lets XLA fuse the step (Picard's hot path).
             accept = jnp.array(True)
-            descent_state = self.descent.query(y_eval, f_eval_info, state.descent_state)
+            descent_state = self.descent.query(y_eval, query_info, state.descent_state)
             new_y, f_info, aux = y_eval, f_eval_info, aux_eval
         else:
             descent_state = lax.cond(
                 accept,
-                lambda s: self.descent.query(y_eval, f_eval_info, s),
+                lambda s: self.descent.query(y_eval, query_info, s),
                 lambda s: s,
                 state.descent_state,
             )
@@ -197,8 +229,9 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         if self.return_best:
             best_y = tree_where(improved, y_eval, state.best_y)
             best_aux = tree_where(improved, aux_eval, state.best_aux)
+            best_residual = tree_where(improved, g_eval, state.best_residual)
         else:
-            best_y = best_aux = None
+            best_y = best_aux = best_residual = None
         if state.residual_history is None:
             history = None
         else:
@@ -228,11 +261,57 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             rel_residual=rel_residual,
             best_y=best_y,
             best_aux=best_aux,
+            best_residual=best_residual,
             best_abs_residual=best_abs_residual,
             best_rel_residual=best_rel_residual,
             residual_history=history,
         )
         return new_y, new_state, aux
+
+    def handover_point(self, y, state):
+        """`(y, g, aux)`: the point another solver should continue from when this
+        one fails — the best iterate seen (or, with `return_best=False`, the last
+        accepted one) with its residual $g = f(y) - y$ and aux."""
+        if self.return_best:
+            return state.best_y, state.best_residual, state.best_aux
+        return y, state.f_info.residual, state.aux
+
+    def resume(self, y, g, aux, state):
+        """A fresh state (`state`, from `init`) advanced to continue from `y`, where
+        the residual `g` and `aux` are already known: the first trial is proposed
+        without evaluating $f$ at `y` again. A descent that needs the Jacobian at
+        `y` cannot do that, so it starts by (re-)evaluating $f$ there."""
+        dtype = stats_dtype(y)
+        if _needs_jacobian(self.descent):
+            return eqx.tree_at(lambda s: s.y_eval, state, y)
+        f_info = _Residual(g)
+        step_size, _, _, search_state = self.search.step(
+            jnp.array(True), y, y, f_info, f_info, state.search_state
+        )
+        descent_state = self.descent.query(y, f_info, state.descent_state)
+        y_diff, _ = self.descent.step(jnp.asarray(step_size), descent_state)
+        abs_residual = two_norm(g, dtype)
+        f = (y**ω + g**ω).ω
+        rel_residual = abs_residual / two_norm(f, dtype)
+        best = {}
+        if self.return_best:
+            best = dict(best_y=y, best_aux=aux, best_residual=g)
+        return dataclasses.replace(
+            state,
+            first_step=jnp.array(False),
+            y_eval=(y**ω + y_diff**ω).ω,
+            f_info=f_info,
+            aux=aux,
+            descent_state=descent_state,
+            search_state=search_state,
+            initial_residual=abs_residual,
+            stall_reference=abs_residual,
+            abs_residual=abs_residual,
+            rel_residual=rel_residual,
+            best_abs_residual=abs_residual,
+            best_rel_residual=rel_residual,
+            **best,
+        )
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, tags
@@ -291,6 +370,8 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         }
         if state.residual_history is not None:
             stats["residual_history"] = state.residual_history
+        if isinstance(self.descent, AbstractJacobianDescent):
+            stats.update(self.descent.stats(state.descent_state))
         return y, aux, stats
 
 

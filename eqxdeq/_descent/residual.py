@@ -16,8 +16,8 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, Scalar
 
-from ._custom_types import Y
-from ._misc import (
+from .._custom_types import Y
+from .._misc import (
     batched_combine,
     batched_inner,
     buffer_set,

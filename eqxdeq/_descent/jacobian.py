@@ -1,0 +1,251 @@
+"""Descents that use the Jacobian of the residual $g(y) = f(y) - y$.
+
+They receive [`optimistix.FunctionInfo.ResidualJac`][] whose `jac` is the
+*matrix-free* operator $\\partial g/\\partial y = \\partial f/\\partial y - I$: the
+generic loop evaluates $f$ with `jax.linearize`, which costs one evaluation of $f$
+(counted as such) and makes every Jacobian-vector product a tangent computation that
+re-evaluates nothing. The Jacobian is never materialised unless the linear solver
+asks for a matrix.
+"""
+
+import abc
+from typing import Generic, TypeVar
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import lineax as lx
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, Scalar
+
+from .._custom_types import Y
+from .._misc import stats_dtype, tree_allfinite, tree_scale, tree_where, two_norm, ω
+
+
+_ResidualJac = optx.FunctionInfo.ResidualJac
+_State = TypeVar("_State")
+
+
+class AbstractJacobianDescent(optx.AbstractDescent[Y, _ResidualJac, _State]):
+    """A descent that needs $\\partial g/\\partial y$ at the accepted iterate.
+
+    The generic loop ([`eqxdeq.AbstractDescentSearchSolver`][]) passes such a
+    descent [`optimistix.FunctionInfo.ResidualJac`][] built from `jax.linearize`
+    (one evaluation of $f$ per step, as for every descent); the search still sees
+    only the residual. `stats` adds descent-specific counters to `sol.stats`.
+    """
+
+    @abc.abstractmethod
+    def stats(self, state: _State) -> dict[str, Array]:
+        """Statistics of the descent (e.g. Jacobian-vector products) for
+        `sol.stats`."""
+
+
+def krylov_matvecs(solver: lx.AbstractLinearSolver, num_steps, size: int):
+    """The number of operator applications lineax's Krylov solvers make in
+    `num_steps` of their loop (checked against a counted operator in the tests).
+
+    - `lx.GMRES`: the first pass applies the operator once (the initial residual);
+        every later pass runs a restart cycle of `min(restart, size)` Arnoldi steps
+        plus one residual update.
+    - `lx.BiCGStab`: one for the initial residual, two per step.
+    """
+    if isinstance(solver, lx.GMRES):
+        assert isinstance(solver.restart, int)
+        restart = min(solver.restart, size)
+        return num_steps + jnp.maximum(num_steps - 1, 0) * restart
+    elif isinstance(solver, lx.BiCGStab):
+        return 1 + 2 * num_steps
+    else:
+        raise TypeError(f"Unsupported Krylov solver {type(solver).__name__}.")
+
+
+_KRYLOV_SOLVERS = (lx.GMRES, lx.BiCGStab)
+
+
+class _NewtonKrylovState(eqx.Module, Generic[Y]):
+    first: Bool[Array, ""]
+    g_norm_prev: Scalar
+    forcing_prev: Scalar
+    pseudo_time_step: Scalar
+    direction: Y
+    num_jvps: Int[Array, ""]
+    num_linear_steps: Int[Array, ""]
+    num_inexact_solves: Int[Array, ""]
+
+
+class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
+    r"""The inexact Newton direction: $d$ with
+    $\|(I - \partial f/\partial y)\,d - g\| \le \eta_k \|g\|$, found by a lineax
+    Krylov solver on the matrix-free Jacobian (Jacobian-vector products only).
+
+    The forcing term $\eta_k$ is Eisenstat and Walker's choice 2,
+    $\eta_k = \gamma (\|g_k\| / \|g_{k-1}\|)^\alpha$ with $\gamma = 0.9$,
+    $\alpha = 2$, safeguarded by $\gamma \eta_{k-1}^\alpha$ when that exceeds 0.1
+    and kept in $[\eta_\text{min}, \eta_\text{max}]$: loose solves far from the
+    solution, superlinear convergence close to it. Or a constant `forcing`.
+
+    The tolerance is imposed by setting the Krylov solver's `atol` to
+    $\eta_k \|g\|_\infty$ (and `rtol` to 0), so the linear residual is measured in
+    the max-norm, as lineax does. A Krylov solve that stops early (its `max_steps`,
+    stagnation) still returns a useful direction and is not an error; it is counted
+    in `sol.stats["num_inexact_solves"]`. A non-finite direction is replaced by the
+    residual (a Picard step), which the search then safeguards.
+
+    `sol.stats` gains `num_jvps` (Jacobian-vector products in the Krylov solves),
+    `num_linear_steps` (the Krylov solver's own step count) and
+    `num_inexact_solves`.
+    """
+
+    # (Annotated loosely so that `__check_init__` can explain what is allowed.)
+    linear_solver: lx.AbstractLinearSolver = lx.GMRES(
+        rtol=0.0, atol=0.0, restart=5, max_steps=12
+    )
+    forcing: str | float = "eisenstat-walker"
+    forcing_min: float | None = None
+    forcing_max: float = 0.9
+    pseudo_time_step: float | None = None
+
+    def __check_init__(self):
+        if not isinstance(self.linear_solver, _KRYLOV_SOLVERS):
+            raise ValueError(
+                "`NewtonKrylovDescent(linear_solver=...)` must be `lineax.GMRES` or "
+                f"`lineax.BiCGStab`, not {type(self.linear_solver).__name__}. (For a "
+                "direct solve use `optimistix.NewtonDescent(linear_solver=...)`.)"
+            )
+        if isinstance(self.forcing, str):
+            if self.forcing != "eisenstat-walker":
+                raise ValueError(
+                    "`NewtonKrylovDescent(forcing=...)` must be 'eisenstat-walker' "
+                    "or a float in (0, 1)."
+                )
+        elif not 0 < self.forcing < 1:
+            raise ValueError("`NewtonKrylovDescent(forcing=...)` must be in (0, 1).")
+        if not 0 < self.forcing_max < 1:
+            raise ValueError(
+                "`NewtonKrylovDescent(forcing_max=...)` must be in (0, 1)."
+            )
+        if self.pseudo_time_step is not None and not self.pseudo_time_step > 0:
+            raise ValueError(
+                "`NewtonKrylovDescent(pseudo_time_step=...)` must be positive or None."
+            )
+        if self.forcing_min is not None and not 0 < self.forcing_min <= (
+            self.forcing_max
+        ):
+            raise ValueError(
+                "`NewtonKrylovDescent(forcing_min=...)` must be in (0, forcing_max]."
+            )
+
+    def init(self, y: Y, f_info_struct) -> _NewtonKrylovState:
+        del f_info_struct
+        dtype = stats_dtype(y)
+        zero = jnp.array(0)
+        return _NewtonKrylovState(
+            first=jnp.array(True),
+            g_norm_prev=jnp.array(jnp.inf, dtype),
+            forcing_prev=jnp.array(self.forcing_max, dtype),
+            pseudo_time_step=jnp.array(
+                jnp.inf if self.pseudo_time_step is None else self.pseudo_time_step,
+                dtype,
+            ),
+            direction=jtu.tree_map(jnp.zeros_like, y),
+            num_jvps=zero,
+            num_linear_steps=zero,
+            num_inexact_solves=zero,
+        )
+
+    def _forcing(self, g_norm: Scalar, state: _NewtonKrylovState, dtype) -> Scalar:
+        if not isinstance(self.forcing, str):
+            return jnp.asarray(self.forcing, dtype)
+        gamma, alpha = 0.9, 2.0
+        forcing_max = jnp.asarray(self.forcing_max, dtype)
+        if self.forcing_min is None:
+            # Below ~sqrt(eps) a Krylov solve in this precision stagnates.
+            forcing_min = jnp.sqrt(jnp.finfo(dtype).eps)
+        else:
+            forcing_min = jnp.asarray(self.forcing_min, dtype)
+        eta = gamma * (g_norm / state.g_norm_prev) ** alpha
+        safeguard = gamma * state.forcing_prev**alpha
+        eta = jnp.where(safeguard > 0.1, jnp.maximum(eta, safeguard), eta)
+        eta = jnp.where(state.first, forcing_max, eta)
+        return jnp.clip(eta, forcing_min, forcing_max)
+
+    def query(
+        self, y: Y, f_info: _ResidualJac, state: _NewtonKrylovState
+    ) -> _NewtonKrylovState:
+        del y
+        g = f_info.residual
+        dtype = stats_dtype(g)
+        g_norm = two_norm(g, dtype)
+        eta = self._forcing(g_norm, state, dtype)
+        g_max = optx.max_norm(g).astype(dtype)
+        # lineax stops when |r_i| <= atol + rtol |b_i| and the last restart cycle
+        # changed each d_i by at most atol + rtol |d_i|: with these values, when the
+        # linear residual is at most ~eta ‖g‖ and d is settled to relative accuracy
+        # eta.
+        solver = eqx.tree_at(
+            lambda s: (s.rtol, s.atol), self.linear_solver, (eta, eta * g_max)
+        )
+        # Switched evolution relaxation: the pseudo-time step grows as the residual
+        # falls, dt_k = dt_{k-1} ‖g_{k-1}‖ / ‖g_k‖, so the step moves from a damped
+        # Picard step, dt g, far from the solution to the Newton step near it.
+        dt = jnp.where(
+            state.first,
+            state.pseudo_time_step,
+            state.pseudo_time_step * state.g_norm_prev / g_norm,
+        )
+        shift = 1 / dt
+        # (∂g/∂y - I/dt) d = -g, i.e. ((1 + 1/dt) I - ∂f/∂y) d = g.
+        if self.pseudo_time_step is None:
+            operator = f_info.jac
+        else:
+            jac = f_info.jac
+            operator = lx.FunctionLinearOperator(
+                lambda v: (jac.mv(v) ** ω - tree_scale(shift, v) ** ω).ω,
+                jac.in_structure(),
+            )
+        neg_g = (-(ω(g))).ω
+        sol = lx.linear_solve(operator, neg_g, solver, throw=False)
+        direction = tree_where(tree_allfinite(sol.value), sol.value, g)
+        num_steps = sol.stats["num_steps"]
+        return _NewtonKrylovState(
+            first=jnp.array(False),
+            g_norm_prev=g_norm,
+            forcing_prev=eta,
+            pseudo_time_step=dt,
+            direction=direction,
+            num_jvps=state.num_jvps
+            + krylov_matvecs(self.linear_solver, num_steps, _size(g)),
+            num_linear_steps=state.num_linear_steps + num_steps,
+            num_inexact_solves=state.num_inexact_solves
+            + (sol.result != lx.RESULTS.successful).astype(int),
+        )
+
+    def step(
+        self, step_size: Scalar, state: _NewtonKrylovState
+    ) -> tuple[Y, optx.RESULTS]:
+        return tree_scale(step_size, state.direction), optx.RESULTS.successful
+
+    def stats(self, state: _NewtonKrylovState) -> dict[str, Array]:
+        return {
+            "num_jvps": state.num_jvps,
+            "num_linear_steps": state.num_linear_steps,
+            "num_inexact_solves": state.num_inexact_solves,
+        }
+
+
+def _size(tree) -> int:
+    return sum(x.size for x in jtu.tree_leaves(tree))
+
+
+NewtonKrylovDescent.__init__.__doc__ = """**Arguments:**
+
+- `linear_solver`: `lineax.GMRES` or `lineax.BiCGStab`; its `rtol` and `atol` are
+    overwritten by the forcing term at every step, its `max_steps` (and GMRES's
+    `restart`) bound the work per Newton step. Default GMRES with `restart=10`,
+    `max_steps=6` (at most 51 Jacobian-vector products per step).
+- `forcing`: `"eisenstat-walker"` (default) or a constant $\\eta \\in (0, 1)$.
+- `forcing_min`: the smallest forcing term; default $\\sqrt{\\varepsilon}$ of the
+    dtype, below which Krylov solves stagnate.
+- `forcing_max`: the largest (and first) forcing term. Default 0.9.
+"""

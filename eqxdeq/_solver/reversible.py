@@ -1,0 +1,297 @@
+from collections.abc import Callable
+from typing import Generic
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, PyTree, Scalar
+
+from .._custom_types import Aux, Y
+from .._misc import is_python_number, stats_dtype, two_norm, ω
+from .._results import RESULTS
+from .._termination import Termination
+from ._base import check_solver_fields
+
+
+def weights(beta, like: Array):
+    """`(1 - β, β)` in the dtype of `like` (a Python float stays weakly typed), so
+    that no dtype promotion happens."""
+    if not isinstance(beta, (int, float)):
+        beta = jnp.asarray(beta, like.dtype)
+    return 1 - beta, beta
+
+
+def relax(beta, old: PyTree[Array], new: PyTree[Array]) -> PyTree[Array]:
+    """`(1 - β) old + β new`, leaf by leaf."""
+
+    def _relax(a, b):
+        keep, take = weights(beta, a)
+        return keep * a + take * b
+
+    return jtu.tree_map(_relax, old, new)
+
+
+def unrelax(beta, relaxed: PyTree[Array], new: PyTree[Array]) -> PyTree[Array]:
+    """The inverse of `relax` in `old`: `(relaxed - β new) / (1 - β)`."""
+
+    def _unrelax(a, b):
+        keep, take = weights(beta, a)
+        return (a - take * b) / keep
+
+    return jtu.tree_map(_unrelax, relaxed, new)
+
+
+def reversible_step(fn, beta, y: Y, z: Y, args: PyTree):
+    """One step of the reversible iteration, shared by [`eqxdeq.Reversible`][] and
+    [`eqxdeq.ReversibleAdjoint`][]:
+
+        y' = (1 - β) y + β f(z),    z' = (1 - β) z + β f(y').
+
+    Returns `(y', z', f(z), f(y'), aux(y'))`.
+    """
+    f_z, _ = fn(z, args)
+    new_y = relax(beta, y, f_z)
+    f_y, aux = fn(new_y, args)
+    new_z = relax(beta, z, f_y)
+    return new_y, new_z, f_z, f_y, aux
+
+
+class _ReversibleState(eqx.Module, Generic[Y]):
+    # The loop.
+    first_step: Bool[Array, ""]
+    z: Y  # the second sequence; the first, y, is optimistix's iterate
+    # Termination.
+    converged: Bool[Array, ""]
+    diverged: Bool[Array, ""]
+    stalled: Bool[Array, ""]
+    initial_residual: Scalar
+    stall_reference: Scalar
+    steps_since_progress: Int[Array, ""]
+    # Statistics.
+    num_fn_evals: Int[Array, ""]
+    num_accepted_steps: Int[Array, ""]
+    abs_residual: Scalar  # |f(y) - y|_2 at the current y
+    rel_residual: Scalar  # |f(y) - y|_2 / |f(y)|_2 at the current y
+    best_abs_residual: Scalar
+    residual_history: Array | None
+
+
+class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
+    r"""The reversible fixed-point iteration of Reversible Deep Equilibrium Models.
+
+    Two coupled sequences, started from $y_0 = z_0 = $ `y0`, with damping
+    $\beta \in (0, 1)$:
+
+    $$y_{n+1} = (1 - \beta)\,y_n + \beta f(z_n), \qquad
+    z_{n+1} = (1 - \beta)\,z_n + \beta f(y_{n+1}).$$
+
+    Each step evaluates $f$ twice, at $z_n$ and at $y_{n+1}$, and is algebraically
+    invertible:
+
+    $$z_n = \frac{z_{n+1} - \beta f(y_{n+1})}{1 - \beta}, \qquad
+    y_n = \frac{y_{n+1} - \beta f(z_n)}{1 - \beta}.$$
+
+    For a contractive $f$ both sequences converge to the fixed point. The returned
+    value is $y_N$, the iterate whose residual $f(y_N) - y_N$ was checked (it comes
+    for free from the evaluation that updates $z$); `sol.state.z` holds $z_N$.
+
+    Its purpose is [`eqxdeq.ReversibleAdjoint`][]: the exact gradient of the $N$
+    iterations, computed by running them backwards in memory independent of $N$.
+    It also works with every other adjoint. As a plain solver it is slower than
+    damped [`eqxdeq.Picard`][] iteration: it takes two evaluations of $f$ per step,
+    and its rate depends on the eigenvalues of $\partial f/\partial y$ only through
+    their squares, so negative eigenvalues slow it as much as positive ones.
+
+    The solver has no `return_best`: a solve that fails to converge returns its last
+    iterate, the one whose exact gradient [`eqxdeq.ReversibleAdjoint`][] computes.
+
+    Supports the `options` of [`eqxdeq.AbstractDescentSearchSolver`][]
+    (`step_budget`, counted in steps of two evaluations each), and produces the same
+    `sol.stats`, with `num_fn_evals = 2 * num_steps`. `best_abs_residual` and
+    `residual_history` include the residuals at the $z_n$ (there, entry $2n$ is the
+    residual at $z_n$ and entry $2n+1$ the residual at $y_{n+1}$); `abs_residual`
+    and `rel_residual` are those at the returned $y_N$. Divergence is checked at
+    both sequences; the residual at $y_0$ is the reference for
+    `Termination(divergence_factor=...)`.
+
+    ??? cite "References"
+
+        ```bibtex
+        @article{mccallum2025reversible,
+            author = {McCallum, Sam and Arora, Kamran and Foster, James},
+            title = {Reversible Deep Equilibrium Models},
+            journal = {arXiv:2509.12917},
+            year = {2025},
+        }
+        ```
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    damping: float = 0.8
+    termination: Termination = eqx.field(default=Termination(), kw_only=True)
+    history_length: int = eqx.field(default=0, kw_only=True)
+
+    def __check_init__(self):
+        check_solver_fields(self, "Reversible")
+        if is_python_number(self.damping) and not 0 < self.damping < 1:
+            raise ValueError(
+                "`Reversible(damping=...)` must be in (0, 1) (the backward step "
+                f"divides by 1 - damping), got {self.damping!r}."
+            )
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        del fn, args, options, f_struct, aux_struct, tags
+        dtype = stats_dtype(y)
+        inf = jnp.array(jnp.inf, dtype)
+        zero = jnp.array(0)
+        if self.history_length > 0:
+            history = jnp.full((self.history_length,), jnp.nan, dtype)
+        else:
+            history = None
+        return _ReversibleState(
+            first_step=jnp.array(True),
+            z=y,
+            converged=jnp.array(False),
+            diverged=jnp.array(False),
+            stalled=jnp.array(False),
+            initial_residual=inf,
+            stall_reference=inf,
+            steps_since_progress=zero,
+            num_fn_evals=zero,
+            num_accepted_steps=zero,
+            abs_residual=inf,
+            rel_residual=inf,
+            best_abs_residual=inf,
+            residual_history=history,
+        )
+
+    def step(self, fn, y, args, options, state, tags):
+        del options, tags
+        dtype = stats_dtype(y)
+        z = state.z
+        new_y, new_z, f_z, f_y, aux = reversible_step(fn, self.damping, y, z, args)
+        # Both residuals come for free; termination is decided at `new_y`.
+        g_z = (f_z**ω - z**ω).ω
+        g_y = (f_y**ω - new_y**ω).ω
+        abs_z = two_norm(g_z, dtype)
+        abs_y = two_norm(g_y, dtype)
+        rel_y = abs_y / two_norm(f_y, dtype)
+        with jax.numpy_dtype_promotion("standard"):
+            converged = self.termination.converged(
+                self.rtol, self.atol, self.norm, g_y, f_y
+            )
+
+        # Safe termination, as in `AbstractDescentSearchSolver`. At the first step
+        # z = y0, so `abs_z` is the residual at y0.
+        initial_residual = jnp.where(state.first_step, abs_z, state.initial_residual)
+        diverged = self.termination.diverged(
+            abs_z, initial_residual
+        ) | self.termination.diverged(abs_y, initial_residual)
+        best_abs_residual = state.best_abs_residual
+        for residual in (abs_z, abs_y):  # ignores NaNs, unlike `jnp.minimum`
+            improved = residual < best_abs_residual
+            best_abs_residual = jnp.where(improved, residual, best_abs_residual)
+        progress = best_abs_residual < (1 - self.termination.stall_tol) * (
+            state.stall_reference
+        )
+        stall_reference = jnp.where(progress, best_abs_residual, state.stall_reference)
+        steps_since_progress = jnp.where(progress, 0, state.steps_since_progress + 1)
+        if self.termination.stall_patience is None:
+            stalled = jnp.array(False)
+        else:
+            stalled = steps_since_progress >= self.termination.stall_patience
+
+        if state.residual_history is None:
+            history = None
+        else:
+            index = state.num_fn_evals
+            history = state.residual_history.at[index].set(abs_z, mode="drop")
+            history = history.at[index + 1].set(abs_y, mode="drop")
+
+        new_state = _ReversibleState(
+            first_step=jnp.array(False),
+            z=new_z,
+            converged=converged,
+            diverged=diverged,
+            stalled=stalled,
+            initial_residual=initial_residual,
+            stall_reference=stall_reference,
+            steps_since_progress=steps_since_progress,
+            num_fn_evals=state.num_fn_evals + 2,
+            num_accepted_steps=state.num_accepted_steps + 1,
+            abs_residual=abs_y,
+            rel_residual=rel_y,
+            best_abs_residual=best_abs_residual,
+            residual_history=history,
+        )
+        return new_y, new_state, aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        del fn, y, args, tags
+        out_of_budget = jnp.array(False)
+        budget = options.get("step_budget", None)
+        if budget is not None:
+            out_of_budget = state.num_accepted_steps >= budget
+        failed = state.diverged | state.stalled
+        terminate = state.converged | failed | out_of_budget
+        result = optx.RESULTS.where(
+            state.converged,
+            optx.RESULTS.successful,
+            optx.RESULTS.where(
+                failed,
+                optx.RESULTS.nonlinear_divergence,
+                optx.RESULTS.where(
+                    out_of_budget,
+                    optx.RESULTS.nonlinear_max_steps_reached,
+                    optx.RESULTS.successful,
+                ),
+            ),
+        )
+        return terminate, result
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        del fn, args, options, tags
+        detailed = RESULTS.promote(result)
+        detailed = RESULTS.where(
+            result == optx.RESULTS.nonlinear_divergence,
+            RESULTS.where(state.stalled, RESULTS.stalled, RESULTS.diverged),
+            detailed,
+        )
+        stats = {
+            "num_fn_evals": state.num_fn_evals,
+            "num_accepted_steps": state.num_accepted_steps,
+            "abs_residual": state.abs_residual,
+            "rel_residual": state.rel_residual,
+            "best_abs_residual": state.best_abs_residual,
+            "result": detailed,
+        }
+        if state.residual_history is not None:
+            stats["residual_history"] = state.residual_history
+        return y, aux, stats
+
+
+Reversible.__init__.__doc__ = """**Arguments:**
+
+- `rtol`: relative tolerance for terminating the solve.
+- `atol`: absolute tolerance for terminating the solve.
+- `norm`: the norm used in the termination criterion; any `PyTree -> Scalar`, e.g.
+    [`optimistix.max_norm`][] (default), [`optimistix.rms_norm`][],
+    [`optimistix.two_norm`][].
+- `damping`: the weight $\\beta \\in (0, 1)$ on $f$ in both updates (the paper's
+    relaxation parameter $\\beta$; the `relaxation` of [`eqxdeq.Picard`][]).
+    Default 0.8, as in the paper and its reference implementation. Larger values
+    converge faster; the backward reconstruction of [`eqxdeq.ReversibleAdjoint`][]
+    amplifies rounding errors by at least $1/(1-\\beta)$ per step, so smaller
+    values give more accurate gradients in float32. (The paper also allows
+    over-relaxation, $\\beta \\in (1, 2)$; eqxdeq does not.)
+- `termination`: an [`eqxdeq.Termination`][]: the stopping criterion
+    (`"elementwise"`, optimistix's, or `"norm"`, the DEQ convention) and the
+    divergence and stall detection.
+- `history_length`: if positive, `sol.stats["residual_history"]` records
+    $\\|f(\\cdot)-\\cdot\\|_2$ at the first `history_length` evaluations (two per
+    step). Default 0 (no cost).
+"""
