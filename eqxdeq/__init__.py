@@ -24,6 +24,7 @@ from ._solver import (
     NewtonKrylov as NewtonKrylov,
     Picard as Picard,
     Reversible as Reversible,
+    SteadyState as SteadyState,
 )
 from ._termination import Termination as Termination
 

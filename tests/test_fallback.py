@@ -106,7 +106,9 @@ def test_per_sample_switching_under_vmap():
 
 def test_gradient_through_fallback():
     fn, y0, args, _ = _expanding_linear()
-    solver = eqxdeq.Fallback(_stalling(eqxdeq.Picard), eqxdeq.NewtonKrylov(1e-10, 1e-10))
+    solver = eqxdeq.Fallback(
+        _stalling(eqxdeq.Picard), eqxdeq.NewtonKrylov(1e-10, 1e-10)
+    )
 
     def loss(b):
         sol = optx.fixed_point(

@@ -153,7 +153,7 @@ def test_two_evaluations_per_step():
 
     sol = optx.fixed_point(counted, eqxdeq.Reversible(1e-10, 1e-10), y0, args)
     jax.effects_barrier()
-    # Measured here: 26 steps, 52 evaluations (Picard with the same damping: 30
+    # Measured here: 26 steps, 52 evaluations (Picard with the same relaxation: 30
     # evaluations, undamped Picard 29, Anderson 16).
     assert (
         len(calls) == int(sol.stats["num_fn_evals"]) == 2 * int(sol.stats["num_steps"])
@@ -321,7 +321,7 @@ def test_float32_reconstruction():
     iterates drift from the forward ones geometrically in the number of steps.
 
     Measured relative gradient errors of ReversibleAdjoint against BPTT on this
-    tanh problem (n = 16, batch 4), damping 0.8, after N steps:
+    tanh problem (n = 16, batch 4), relaxation 0.8, after N steps:
 
     | radius | N  | float32 | float64 |
     | ------ | -- | ------- | ------- |
@@ -334,7 +334,7 @@ def test_float32_reconstruction():
     | 0.9    | 10 | 1e-1    | 4e-7    |
     | 0.9    | 20 | 2e-1    | 4e-2    |
 
-    (with damping 0.5 at radius 0.9: float32 3e-7 / 4e-5 / 5e-2 and float64
+    (with relaxation 0.5 at radius 0.9: float32 3e-7 / 4e-5 / 5e-2 and float64
     6e-16 / 3e-14 / 4e-9 at N = 5 / 10 / 20). The float32 BPTT gradient itself is
     within 3e-7 of the float64 one.
     """
@@ -422,10 +422,10 @@ def test_adjoint_requires_reversible_solver():
         )
 
 
-@pytest.mark.parametrize("damping", [0.0, 1.0, 1.5, -0.2])
-def test_bad_damping(damping):
-    with pytest.raises(ValueError, match=r"Reversible\(damping=\.\.\.\)"):
-        eqxdeq.Reversible(1e-6, 1e-6, damping=damping)
+@pytest.mark.parametrize("relaxation", [0.0, 1.0, 1.5, -0.2])
+def test_bad_relaxation(relaxation):
+    with pytest.raises(ValueError, match=r"Reversible\(relaxation=\.\.\.\)"):
+        eqxdeq.Reversible(1e-6, 1e-6, relaxation=relaxation)
 
 
 def test_bad_fields():

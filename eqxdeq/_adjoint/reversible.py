@@ -50,7 +50,7 @@ def _reversible_solve_bwd(
     del perturbed, primal_fn, rest
     y_final, z_final, num_steps = residuals
     grad_root, _ = grad_obj
-    beta = solver.damping
+    beta = solver.relaxation
     fn, _, args = vjp_arg
     diff_params, static_params = eqx.partition((fn, args), eqx.is_inexact_array)
 

@@ -99,7 +99,7 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
 
     # (Annotated loosely so that `__check_init__` can explain what is allowed.)
     linear_solver: lx.AbstractLinearSolver = lx.GMRES(
-        rtol=0.0, atol=0.0, restart=5, max_steps=12
+        rtol=0.0, atol=0.0, restart=10, max_steps=6
     )
     forcing: str | float = "eisenstat-walker"
     forcing_min: float | None = None
@@ -243,7 +243,8 @@ NewtonKrylovDescent.__init__.__doc__ = """**Arguments:**
 - `linear_solver`: `lineax.GMRES` or `lineax.BiCGStab`; its `rtol` and `atol` are
     overwritten by the forcing term at every step, its `max_steps` (and GMRES's
     `restart`) bound the work per Newton step. Default GMRES with `restart=10`,
-    `max_steps=6` (at most 51 Jacobian-vector products per step).
+    `max_steps=6` (at most 56 Jacobian-vector products per step: lineax checks
+    convergence once per restart cycle, after the first pass).
 - `forcing`: `"eisenstat-walker"` (default) or a constant $\\eta \\in (0, 1)$.
 - `forcing_min`: the smallest forcing term; default $\\sqrt{\\varepsilon}$ of the
     dtype, below which Krylov solves stagnate.

@@ -6,3 +6,4 @@ from .fallback import Fallback as Fallback
 from .newton_krylov import NewtonKrylov as NewtonKrylov
 from .picard import Picard as Picard
 from .reversible import Reversible as Reversible
+from .steady_state import SteadyState as SteadyState

@@ -1,4 +1,5 @@
 from collections.abc import Callable
+
 import lineax as lx
 import optimistix as optx
 from jaxtyping import PyTree, Scalar

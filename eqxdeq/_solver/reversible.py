@@ -81,7 +81,7 @@ class _ReversibleState(eqx.Module, Generic[Y]):
 class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
     r"""The reversible fixed-point iteration of Reversible Deep Equilibrium Models.
 
-    Two coupled sequences, started from $y_0 = z_0 = $ `y0`, with damping
+    Two coupled sequences, started from $y_0 = z_0 = $ `y0`, with relaxation
     $\beta \in (0, 1)$:
 
     $$y_{n+1} = (1 - \beta)\,y_n + \beta f(z_n), \qquad
@@ -131,16 +131,16 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
     rtol: float
     atol: float
     norm: Callable[[PyTree], Scalar] = optx.max_norm
-    damping: float = 0.8
+    relaxation: float = 0.8
     termination: Termination = eqx.field(default=Termination(), kw_only=True)
     history_length: int = eqx.field(default=0, kw_only=True)
 
     def __check_init__(self):
         check_solver_fields(self, "Reversible")
-        if is_python_number(self.damping) and not 0 < self.damping < 1:
+        if is_python_number(self.relaxation) and not 0 < self.relaxation < 1:
             raise ValueError(
-                "`Reversible(damping=...)` must be in (0, 1) (the backward step "
-                f"divides by 1 - damping), got {self.damping!r}."
+                "`Reversible(relaxation=...)` must be in (0, 1) (the backward step "
+                f"divides by 1 - relaxation), got {self.relaxation!r}."
             )
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
@@ -173,7 +173,7 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
         del options, tags
         dtype = stats_dtype(y)
         z = state.z
-        new_y, new_z, f_z, f_y, aux = reversible_step(fn, self.damping, y, z, args)
+        new_y, new_z, f_z, f_y, aux = reversible_step(fn, self.relaxation, y, z, args)
         # Both residuals come for free; termination is decided at `new_y`.
         g_z = (f_z**ω - z**ω).ω
         g_y = (f_y**ω - new_y**ω).ω
@@ -281,7 +281,7 @@ Reversible.__init__.__doc__ = """**Arguments:**
 - `norm`: the norm used in the termination criterion; any `PyTree -> Scalar`, e.g.
     [`optimistix.max_norm`][] (default), [`optimistix.rms_norm`][],
     [`optimistix.two_norm`][].
-- `damping`: the weight $\\beta \\in (0, 1)$ on $f$ in both updates (the paper's
+- `relaxation`: the weight $\\beta \\in (0, 1)$ on $f$ in both updates (the paper's
     relaxation parameter $\\beta$; the `relaxation` of [`eqxdeq.Picard`][]).
     Default 0.8, as in the paper and its reference implementation. Larger values
     converge faster; the backward reconstruction of [`eqxdeq.ReversibleAdjoint`][]

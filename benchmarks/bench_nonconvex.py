@@ -1,0 +1,175 @@
+"""Solvers on a tanh DEQ layer that is *not* a contraction.
+
+`z ↦ tanh(z W + c)` with `W` symmetric of spectral norm 1.3 (default n = 256,
+batch 32, float32) and a small input injection `c`: near the fixed points
+`tanh' ≈ 1`, so the layer's Jacobian has eigenvalues beyond ±1 for some samples.
+Picard oscillates or diverges there and Anderson/Broyden stall; Newton-type
+methods and the ODE steady state still converge.
+
+Every solver runs per sample (`jax.vmap` over the batch, `W` shared), which is how
+a DEQ layer is solved: each sample has its own fixed point, convergence test and
+(for the Newton methods) its own Krylov solve. Target: relative residual
+`‖f(z) − z‖₂ / ‖f(z)‖₂ ≤ 1e-5` for every sample. Reported: samples converged,
+evaluations of f (max and mean over samples), Jacobian-vector products, median
+time, and the time relative to `optx.Newton` with its default dense linear solve
+(also per sample; on the whole (32, 256) state it would materialise an
+8192 × 8192 Jacobian: its compilation and first step took more than 14 minutes on
+the 2-core CI machine, so it is only run with `--full-state-newton`).
+
+Usage: python benchmarks/bench_nonconvex.py [--n 256] [--batch 32] [--norm 1.3]
+"""
+
+import argparse
+import statistics
+
+import jax
+import numpy as np
+import optimistix as optx
+from _common import (
+    environment,
+    fmt_ratio,
+    fmt_time,
+    make_tanh_problem,
+    markdown_table,
+    ProblemSpec,
+    time_fn_all,
+)
+
+import eqxdeq
+
+
+def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
+    # The DEQ convention: ‖f(z) − z‖₂ ≤ rtol ‖f(z)‖₂ per sample.
+    term = eqxdeq.Termination(criterion="norm")
+    stall = eqxdeq.Termination(criterion="norm", stall_patience=20)
+    kw = dict(norm=optx.two_norm, termination=term)
+    out: dict[str, optx.AbstractFixedPointSolver] = {
+        "Picard": eqxdeq.Picard(rtol, 0.0, **kw),
+        "Anderson(m=5)": eqxdeq.Anderson(rtol, 0.0, **kw),
+        "Broyden + line search": eqxdeq.Broyden(rtol, 0.0, line_search=True, **kw),
+        "NewtonKrylov (line search)": eqxdeq.NewtonKrylov(rtol, 0.0, **kw),
+        "NewtonKrylov (pseudo-transient, dt0=0.1)": eqxdeq.NewtonKrylov(
+            rtol, 0.0, pseudo_time_step=0.1, line_search=False, **kw
+        ),
+        "NewtonKrylov (pseudo-transient, dt0=1)": eqxdeq.NewtonKrylov(
+            rtol, 0.0, pseudo_time_step=1.0, line_search=False, **kw
+        ),
+        "Fallback(Anderson → NewtonKrylov ΨTC dt0=1)": eqxdeq.Fallback(
+            eqxdeq.Anderson(rtol, 0.0, norm=optx.two_norm, termination=stall),
+            eqxdeq.NewtonKrylov(
+                rtol, 0.0, pseudo_time_step=1.0, line_search=False, **kw
+            ),
+        ),
+    }
+    if hasattr(eqxdeq, "SteadyState"):
+        out["SteadyState (Tsit5)"] = eqxdeq.SteadyState(rtol, 0.0, **kw)
+    # optimistix's Newton with its default (dense, materialised Jacobian) solve; its
+    # criterion is on the step, so ask for more and check the residual afterwards.
+    out["optx.Newton (dense)"] = optx.Newton(rtol=rtol / 10, atol=rtol / 10)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--norm", type=float, default=1.3)
+    parser.add_argument("--input-scale", type=float, default=0.1)
+    parser.add_argument("--rtol", type=float, default=1e-5)
+    parser.add_argument("--max-steps", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--full-state-newton", action="store_true")
+    opts = parser.parse_args()
+
+    spec = ProblemSpec(opts.n, opts.batch, opts.norm)
+    problem = make_tanh_problem(spec, input_scale=opts.input_scale)
+    weight, injection = problem.args
+    print(environment())
+    print(f"\nProblem: {spec.name}, input RMS {opts.input_scale}, float32\n")
+
+    rows = []
+    times = {}
+    for name, solver in solvers(opts.rtol).items():
+
+        def solve_one(y0, c, solver=solver):
+            return optx.fixed_point(
+                problem.fn,
+                solver,
+                y0,
+                (weight, c),
+                max_steps=opts.max_steps,
+                throw=False,
+            )
+
+        run = jax.jit(jax.vmap(solve_one))
+        sol = run(problem.y0, injection)
+        z = np.asarray(sol.value, np.float64)
+        fz = np.asarray(problem.fn(sol.value, problem.args), np.float64)
+        rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
+        converged = int(np.sum(rel <= opts.rtol))
+        # The Jacobian's spectral radius at each returned point.
+        slope = (
+            1
+            - np.tanh(
+                z @ np.asarray(weight, np.float64) + np.asarray(injection, np.float64)
+            )
+            ** 2
+        )
+        jac = slope[:, :, None] * np.asarray(weight, np.float64).T[None]
+        radius = np.max(np.abs(np.linalg.eigvals(jac)), axis=-1)
+        stats = sol.stats
+        evals = np.asarray(stats.get("num_fn_evals", stats["num_steps"]))
+        jvps = np.asarray(stats.get("num_jvps", np.zeros_like(evals)))
+        if name.startswith("optx.Newton"):
+            # One evaluation and a full Jacobian (n jvps, batched) per step.
+            jvps = evals * opts.n
+        t = statistics.median(
+            time_fn_all(run, problem.y0, injection, repeats=opts.repeats, warmup=0)
+        )
+        times[name] = t
+        rows.append(
+            [
+                name,
+                f"{converged}/{opts.batch}",
+                f"{np.max(rel):.1e}",
+                int(np.max(evals)),
+                f"{np.mean(evals):.0f}",
+                int(np.max(jvps)),
+                f"{int(np.sum(radius > 1))}",
+                fmt_time(t),
+            ]
+        )
+    ref = times["optx.Newton (dense)"]
+    for row, name in zip(rows, times, strict=True):
+        row.append(fmt_ratio(times[name] / ref))
+    headers = [
+        "solver",
+        "converged",
+        "max rel. residual",
+        "max f-evals",
+        "mean f-evals",
+        "max jvps",
+        "samples with ρ(∂f/∂z) > 1",
+        "median time",
+        "time / optx.Newton",
+    ]
+    print(markdown_table(headers, rows))
+
+    if opts.full_state_newton:
+        solver = optx.Newton(rtol=opts.rtol / 10, atol=opts.rtol / 10)
+        run = jax.jit(
+            lambda y0: optx.fixed_point(
+                problem.fn,
+                solver,
+                y0,
+                problem.args,
+                max_steps=opts.max_steps,
+                throw=False,
+            )
+        )
+        ts = time_fn_all(run, problem.y0, repeats=1, warmup=0)
+        print(f"\noptx.Newton on the whole state (compile + run): {fmt_time(ts[0])}")
+
+
+if __name__ == "__main__":
+    main()
