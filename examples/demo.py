@@ -49,6 +49,7 @@ def main():
         "Anderson(memory=5)": eqxdeq.Anderson(tol, tol),
         "Broyden(memory=16)": eqxdeq.Broyden(tol, tol),
         "Broyden(line_search=True)": eqxdeq.Broyden(tol, tol, line_search=True),
+        "NewtonKrylov": eqxdeq.NewtonKrylov(tol, tol),
         "optx.FixedPointIteration": optx.FixedPointIteration(tol, tol),
     }
     print("Fixed point of tanh(zW + xU): W is 64x64 with |W|_2 = 0.95, x = 32 digits")
@@ -70,9 +71,11 @@ def main():
         fy = layer(sol.value, args)
         abs_res = float(jnp.linalg.norm(fy - sol.value))
         rel_res = abs_res / float(jnp.linalg.norm(fy))
-        evals = int(stats.get("num_fn_evals", stats["num_steps"]))
+        evals = str(int(stats.get("num_fn_evals", stats["num_steps"])))
+        if "num_jvps" in stats:  # Newton–Krylov: f-evals + Jacobian-vector products
+            evals += f"+{int(stats['num_jvps'])}jvp"
         print(
-            f"| {name:<27} | {int(stats['num_steps']):5d} | {evals:7d} | "
+            f"| {name:<27} | {int(stats['num_steps']):5d} | {evals:>7} | "
             f"{abs_res:12.2e} | {rel_res:12.2e} | {1e3 * np.median(times):8.2f} |"
         )
 

@@ -10,7 +10,8 @@ import numpy as np
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
-    return eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol) is True
+    # `eqx.tree_equal` returns a Python bool or, for array leaves, a bool array.
+    return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))
 
 
 def tanh_layer(z, args):

@@ -62,8 +62,7 @@ def _to64(tree):
 
 
 def _assert_tree_allclose(x, y, *, rtol, atol):
-    # (Not `helpers.tree_allclose`: `eqx.tree_equal` returns an array for array
-    # leaves, so its `... is True` is always False.)
+    # Stricter than `helpers.tree_allclose`: dtypes must match leaf by leaf too.
     assert jtu.tree_structure(x) == jtu.tree_structure(y)
     for a, b in zip(jtu.tree_leaves(x), jtu.tree_leaves(y), strict=True):
         assert a.dtype == b.dtype
