@@ -41,7 +41,7 @@ import eqxdeq
 def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
     # The DEQ convention: ‖f(z) − z‖₂ ≤ rtol ‖f(z)‖₂ per sample.
     term = eqxdeq.Termination(criterion="norm")
-    stall = eqxdeq.Termination(criterion="norm", stall_patience=20)
+    stall = eqxdeq.Termination(criterion="norm", stall_patience=10)
     kw = dict(norm=optx.two_norm, termination=term)
     out: dict[str, optx.AbstractFixedPointSolver] = {
         "Picard": eqxdeq.Picard(rtol, 0.0, **kw),
@@ -54,11 +54,12 @@ def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
         "NewtonKrylov (pseudo-transient, dt0=1)": eqxdeq.NewtonKrylov(
             rtol, 0.0, pseudo_time_step=1.0, line_search=False, **kw
         ),
-        "Fallback(Anderson → NewtonKrylov ΨTC dt0=1)": eqxdeq.Fallback(
+        "Fallback(Anderson ≤ 60 steps → NewtonKrylov ΨTC dt0=0.1)": eqxdeq.Fallback(
             eqxdeq.Anderson(rtol, 0.0, norm=optx.two_norm, termination=stall),
             eqxdeq.NewtonKrylov(
-                rtol, 0.0, pseudo_time_step=1.0, line_search=False, **kw
+                rtol, 0.0, pseudo_time_step=0.1, line_search=False, **kw
             ),
+            stage_steps=(60, None),
         ),
     }
     if hasattr(eqxdeq, "SteadyState"):

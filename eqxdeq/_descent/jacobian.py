@@ -40,6 +40,13 @@ class AbstractJacobianDescent(optx.AbstractDescent[Y, _ResidualJac, _State]):
         """Statistics of the descent (e.g. Jacobian-vector products) for
         `sol.stats`."""
 
+    def with_reference_residual(self, state: _State, residual_norm: Scalar) -> _State:
+        """`state` (fresh from `init`) told the size $\\|g\\|_2$ of the residual at
+        the start of the whole solve, when it takes over from another solver (see
+        [`eqxdeq.Fallback`][]). By default ignored."""
+        del residual_norm
+        return state
+
 
 def krylov_matvecs(solver: lx.AbstractLinearSolver, num_steps, size: int):
     """The number of operator applications lineax's Krylov solvers make in
@@ -66,6 +73,7 @@ _KRYLOV_SOLVERS = (lx.GMRES, lx.BiCGStab)
 class _NewtonKrylovState(eqx.Module, Generic[Y]):
     first: Bool[Array, ""]
     g_norm_prev: Scalar
+    g_norm_reference: Scalar  # ‖g‖ at which the pseudo-time step is `dt0`
     forcing_prev: Scalar
     pseudo_time_step: Scalar
     direction: Y
@@ -143,6 +151,7 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         return _NewtonKrylovState(
             first=jnp.array(True),
             g_norm_prev=jnp.array(jnp.inf, dtype),
+            g_norm_reference=jnp.array(jnp.nan, dtype),
             forcing_prev=jnp.array(self.forcing_max, dtype),
             pseudo_time_step=jnp.array(
                 jnp.inf if self.pseudo_time_step is None else self.pseudo_time_step,
@@ -187,13 +196,18 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
             lambda s: (s.rtol, s.atol), self.linear_solver, (eta, eta * g_max)
         )
         # Switched evolution relaxation: the pseudo-time step grows as the residual
-        # falls, dt_k = dt_{k-1} ‖g_{k-1}‖ / ‖g_k‖, so the step moves from a damped
-        # Picard step, dt g, far from the solution to the Newton step near it.
-        dt = jnp.where(
-            state.first,
-            state.pseudo_time_step,
-            state.pseudo_time_step * state.g_norm_prev / g_norm,
+        # falls, dt_k = dt_0 ‖g_0‖ / ‖g_k‖, so the step moves from a damped Picard
+        # step, dt g, far from the solution to the Newton step near it. ‖g_0‖ is the
+        # first residual seen, or that of the whole solve when taking over from
+        # another solver (`with_reference_residual`): restarting the continuation
+        # from a small residual would otherwise crawl.
+        reference = jnp.where(
+            jnp.isnan(state.g_norm_reference), g_norm, state.g_norm_reference
         )
+        dt0 = jnp.asarray(
+            jnp.inf if self.pseudo_time_step is None else self.pseudo_time_step, dtype
+        )
+        dt = dt0 * reference / g_norm
         shift = 1 / dt
         # (∂g/∂y - I/dt) d = -g, i.e. ((1 + 1/dt) I - ∂f/∂y) d = g.
         if self.pseudo_time_step is None:
@@ -211,6 +225,7 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         return _NewtonKrylovState(
             first=jnp.array(False),
             g_norm_prev=g_norm,
+            g_norm_reference=reference,
             forcing_prev=eta,
             pseudo_time_step=dt,
             direction=direction,
@@ -225,6 +240,15 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         self, step_size: Scalar, state: _NewtonKrylovState
     ) -> tuple[Y, optx.RESULTS]:
         return tree_scale(step_size, state.direction), optx.RESULTS.successful
+
+    def with_reference_residual(
+        self, state: _NewtonKrylovState, residual_norm: Scalar
+    ) -> _NewtonKrylovState:
+        return eqx.tree_at(
+            lambda s: s.g_norm_reference,
+            state,
+            jnp.asarray(residual_norm, state.g_norm_reference.dtype),
+        )
 
     def stats(self, state: _NewtonKrylovState) -> dict[str, Array]:
         return {

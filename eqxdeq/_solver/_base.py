@@ -211,7 +211,10 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         converged = jnp.where(accept, converged, state.converged)
 
         # Safe termination.
-        initial_residual = jnp.where(state.first_step, abs_eval, state.initial_residual)
+        # (A solve resumed from another solver's point keeps the original one.)
+        initial_residual = jnp.where(
+            jnp.isinf(state.initial_residual), abs_eval, state.initial_residual
+        )
         diverged = accept & self.termination.diverged(abs_eval, initial_residual)
         improved = abs_eval < state.best_abs_residual
         best_abs_residual = jnp.where(improved, abs_eval, state.best_abs_residual)
@@ -276,14 +279,28 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             return state.best_y, state.best_residual, state.best_aux
         return y, state.f_info.residual, state.aux
 
-    def resume(self, y, g, aux, state):
+    def resume(self, y, g, aux, state, initial_residual):
         """A fresh state (`state`, from `init`) advanced to continue from `y`, where
         the residual `g` and `aux` are already known: the first trial is proposed
         without evaluating $f$ at `y` again. A descent that needs the Jacobian at
-        `y` cannot do that, so it starts by (re-)evaluating $f$ there."""
+        `y` cannot do that, so it starts by (re-)evaluating $f$ there.
+        `initial_residual`, $\\|g\\|_2$ at the start of the whole solve, stays the
+        reference for divergence detection (and for a Jacobian descent's own
+        continuation, e.g. Newton–Krylov's pseudo-time step)."""
         dtype = stats_dtype(y)
+        initial_residual = jnp.asarray(initial_residual, dtype)
         if _needs_jacobian(self.descent):
-            return eqx.tree_at(lambda s: s.y_eval, state, y)
+            descent_state = state.descent_state
+            if isinstance(self.descent, AbstractJacobianDescent):
+                descent_state = self.descent.with_reference_residual(
+                    descent_state, initial_residual
+                )
+            return dataclasses.replace(
+                state,
+                y_eval=y,
+                descent_state=descent_state,
+                initial_residual=initial_residual,
+            )
         f_info = _Residual(g)
         step_size, _, _, search_state = self.search.step(
             jnp.array(True), y, y, f_info, f_info, state.search_state
@@ -304,7 +321,7 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             aux=aux,
             descent_state=descent_state,
             search_state=search_state,
-            initial_residual=abs_residual,
+            initial_residual=initial_residual,
             stall_reference=abs_residual,
             abs_residual=abs_residual,
             rel_residual=rel_residual,

@@ -46,10 +46,16 @@ class Fallback(optx.AbstractFixedPointSolver[Y, Aux, _FallbackState]):
     needs the Jacobian (Newton–Krylov) linearises $f$ at that point, which counts
     as one evaluation. The last stage's failure ends the solve with its result.
 
+    A Jacobian-descent stage also continues the *whole* solve's continuation:
+    Newton–Krylov's pseudo-time step is referred to the residual at the start of the
+    solve, not to the (smaller) residual at the handover.
+
     Each stage keeps its own tolerances and termination; `max_steps` of
     `optx.fixed_point` and `options["step_budget"]` bound the total. Every stage is
     compiled once: switching never recompiles, and under `jax.vmap` each sample
-    switches on its own.
+    switches on its own. (Under `jax.vmap` the stage is a batched index, so every
+    step computes the step of every stage for all samples and selects: a step costs
+    the sum of the stages' costs. Bound the cheap stage with `stage_steps`.)
 
     `sol.stats` holds the common statistics (summed over stages for the counts,
     and those of the final stage for the residuals), any stage-specific keys (e.g.
@@ -139,7 +145,11 @@ class Fallback(optx.AbstractFixedPointSolver[Y, Aux, _FallbackState]):
                 failed = self._failed(i, states[i])
                 point_y, point_g, point_aux = current.handover_point(new_y, states[i])
                 resumed = self.solvers[i + 1].resume(
-                    point_y, point_g, point_aux, states[i + 1]
+                    point_y,
+                    point_g,
+                    point_aux,
+                    states[i + 1],
+                    states[i].initial_residual,
                 )
                 next_states = states[: i + 1] + (resumed,) + states[i + 2 :]
                 states = tree_where(failed, next_states, states)
