@@ -2,9 +2,11 @@ from typing import Literal
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, PyTree, Scalar
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from ._misc import is_python_number, ω
+from ._results import RESULTS
 
 
 class Termination(eqx.Module):
@@ -77,6 +79,65 @@ class Termination(eqx.Module):
         if self.divergence_factor is not None:
             bad = bad | (residual > self.divergence_factor * initial_residual)
         return bad
+
+    def stall(
+        self,
+        best_residual: Scalar,
+        stall_reference: Scalar,
+        steps_since_progress: Int[Array, ""],
+    ) -> tuple[Scalar, Int[Array, ""], Bool[Array, ""]]:
+        """One step of stall detection given the best residual so far: the new
+        `(stall_reference, steps_since_progress, stalled)`."""
+        progress = best_residual < (1 - self.stall_tol) * stall_reference
+        stall_reference = jnp.where(progress, best_residual, stall_reference)
+        steps_since_progress = jnp.where(progress, 0, steps_since_progress + 1)
+        if self.stall_patience is None:
+            stalled = jnp.array(False)
+        else:
+            stalled = steps_since_progress >= self.stall_patience
+        return stall_reference, steps_since_progress, stalled
+
+
+def terminate_result(
+    converged: Bool[Array, ""],
+    diverged: Bool[Array, ""],
+    stalled: Bool[Array, ""],
+    num_steps: Int[Array, ""],
+    options: dict,
+) -> tuple[Bool[Array, ""], optx.RESULTS]:
+    """`terminate` for every eqxdeq solver: stop when converged, diverged, stalled
+    or past `options["step_budget"]` (compared with `num_steps`, the solver's own
+    count of steps)."""
+    out_of_budget = jnp.array(False)
+    budget = options.get("step_budget", None)
+    if budget is not None:
+        out_of_budget = num_steps >= budget
+    failed = diverged | stalled
+    terminate = converged | failed | out_of_budget
+    result = optx.RESULTS.where(
+        converged,
+        optx.RESULTS.successful,
+        optx.RESULTS.where(
+            failed,
+            optx.RESULTS.nonlinear_divergence,
+            optx.RESULTS.where(
+                out_of_budget,
+                optx.RESULTS.nonlinear_max_steps_reached,
+                optx.RESULTS.successful,
+            ),
+        ),
+    )
+    return terminate, result
+
+
+def detailed_result(result: optx.RESULTS, stalled: Bool[Array, ""]) -> RESULTS:
+    """`sol.stats["result"]`: the loop's result with `nonlinear_divergence` split
+    into eqxdeq's `diverged` and `stalled`."""
+    return RESULTS.where(
+        result == optx.RESULTS.nonlinear_divergence,
+        RESULTS.where(stalled, RESULTS.stalled, RESULTS.diverged),
+        RESULTS.promote(result),
+    )
 
 
 Termination.__init__.__doc__ = """**Arguments:**

@@ -6,7 +6,6 @@ import jax.flatten_util
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
-import numpy as np
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
@@ -55,23 +54,42 @@ def linear_problem(key, n=8, radius=0.7, dtype=jnp.float64):
     return fn, jnp.zeros(n, dtype), args, y_star.astype(dtype)
 
 
-def dense_fixed_point(fn, y0, args, steps=50):
-    """Reference fixed point by dense Newton on `g(y) = f(y) - y` in float64."""
-    to64 = lambda x: jnp.asarray(x, jnp.float64) if eqx.is_inexact_array(x) else x
-    y0 = jtu.tree_map(to64, y0)
-    args = jtu.tree_map(to64, args)
+def dense_newton(fn, y0, args, steps=50):
+    """Dense Newton on `g(y) = f(y) - y` (flattened), a fixed number of steps.
+    Traceable and differentiable: the derivatives of a converged Newton iteration are
+    those of the fixed point, so this is also a reference *model*."""
     flat, unravel = jax.flatten_util.ravel_pytree(y0)
 
     def g(flat_y):
-        y = unravel(flat_y)
-        fy = fn(y, args)
-        return jax.flatten_util.ravel_pytree(fy)[0] - flat_y
+        return jax.flatten_util.ravel_pytree(fn(unravel(flat_y), args))[0] - flat_y
 
-    for _ in range(steps):
-        jac = jax.jacfwd(g)(flat)
-        flat = flat - jnp.linalg.solve(jac, g(flat))
-    assert np.max(np.abs(g(flat))) < 1e-12, "dense Newton reference did not converge"
-    return unravel(flat)
+    def body(_, flat_y):
+        return flat_y - jnp.linalg.solve(jax.jacfwd(g)(flat_y), g(flat_y))
+
+    flat = jax.lax.fori_loop(0, steps, body, flat)
+    return unravel(flat), jnp.max(jnp.abs(g(flat)))
+
+
+def dense_fixed_point(fn, y0, args, steps=50):
+    """Reference fixed point by dense Newton on `g(y) = f(y) - y` in float64."""
+    to64 = lambda x: jnp.asarray(x, jnp.float64) if eqx.is_inexact_array(x) else x
+    y_star, residual = eqx.filter_jit(dense_newton)(
+        fn, jtu.tree_map(to64, y0), jtu.tree_map(to64, args), steps
+    )
+    assert residual < 1e-12, "dense Newton reference did not converge"
+    return y_star
+
+
+def dense_ift_gradient(fn, y0, args, loss):
+    """d loss(y*) / d args by a dense implicit-function-theorem solve in float64,
+    for an array `y`."""
+    y_star = dense_fixed_point(fn, y0, args)
+    flat = y_star.reshape(-1)
+    jac = jax.jacfwd(lambda v: fn(v.reshape(y_star.shape), args).reshape(-1))(flat)
+    y_bar = jax.grad(loss)(y_star).reshape(-1)
+    w = jnp.linalg.solve((jnp.eye(flat.size) - jac).T, y_bar)
+    _, vjp = jax.vjp(lambda a: fn(y_star, a), args)
+    return vjp(w.reshape(y_star.shape))[0]
 
 
 def linear_layer(y, args):

@@ -22,7 +22,7 @@ import pytest
 
 import eqxdeq
 
-from .helpers import tanh_problem
+from .helpers import dense_ift_gradient, dense_newton, tanh_problem
 
 
 def _rel_error(x, y):
@@ -30,20 +30,6 @@ def _rel_error(x, y):
     x = jax.flatten_util.ravel_pytree(x)[0].astype(jnp.float64)
     y = jax.flatten_util.ravel_pytree(y)[0].astype(jnp.float64)
     return float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))
-
-
-@eqx.filter_jit
-def _newton(fn, y0, args, steps=30):
-    """Dense Newton on `f(y) - y` (flattened), differentiable: unrolled derivatives
-    of a converged Newton iteration are those of the fixed point."""
-    flat, unravel = jax.flatten_util.ravel_pytree(y0)
-
-    def g(flat_y):
-        return jax.flatten_util.ravel_pytree(fn(unravel(flat_y), args))[0] - flat_y
-
-    for _ in range(steps):
-        flat = flat - jnp.linalg.solve(jax.jacfwd(g)(flat), g(flat))
-    return unravel(flat)
 
 
 #
@@ -225,14 +211,7 @@ def _loss(y):
 
 
 def _dense_gradient(fn, y0, args):
-    """d loss(y*) / d args by a dense implicit-function-theorem solve in float64."""
-    y_star = _newton(fn, y0, args)
-    flat = y_star.reshape(-1)
-    jac = jax.jacfwd(lambda v: fn(v.reshape(y_star.shape), args).reshape(-1))(flat)
-    y_bar = jax.grad(_loss)(y_star).reshape(-1)
-    w = jnp.linalg.solve((jnp.eye(flat.size) - jac).T, y_bar)
-    _, vjp = jax.vjp(lambda a: fn(y_star, a), args)
-    return vjp(w.reshape(y_star.shape))[0]
+    return dense_ift_gradient(fn, y0, args, _loss)
 
 
 @eqx.filter_jit
@@ -369,7 +348,7 @@ def test_jvp_through_steady_state():
 
     primal, tangent = jax.jvp(y_star, (weight, bias), tangents)
     # Dense reference: y*' = (I - ∂f/∂y)⁻¹ (∂f/∂θ · θ').
-    ref = _newton(fn, y0, (weight, bias))
+    ref, _ = dense_newton(fn, y0, (weight, bias), steps=30)
     flat = ref.reshape(-1)
     jac = jax.jacfwd(lambda v: fn(v.reshape(ref.shape), (weight, bias)).reshape(-1))(
         flat

@@ -13,7 +13,7 @@ import pytest
 
 import eqxdeq
 
-from .helpers import tanh_problem
+from .helpers import dense_fixed_point, dense_ift_gradient, tanh_problem
 
 
 # Shared solvers and `max_steps`, so that tests reuse each other's compilations.
@@ -32,29 +32,6 @@ STATS_KEYS = {
     "best_abs_residual",
     "result",
 }
-
-
-@eqx.filter_jit
-def _newton(fn, y0, args):
-    flat, unravel = jax.flatten_util.ravel_pytree(y0)
-
-    def g(flat_y):
-        return jax.flatten_util.ravel_pytree(fn(unravel(flat_y), args))[0] - flat_y
-
-    def body(_, flat_y):
-        return flat_y - jnp.linalg.solve(jax.jacfwd(g)(flat_y), g(flat_y))
-
-    flat = jax.lax.fori_loop(0, 30, body, flat)
-    return unravel(flat), jnp.max(jnp.abs(g(flat)))
-
-
-def dense_fixed_point(fn, y0, args):
-    """Reference fixed point by dense Newton in float64 (as `helpers`', but
-    compiled: the eager one dominates the runtime of these tests)."""
-    to64 = lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x
-    y_star, residual = _newton(fn, jtu.tree_map(to64, y0), jtu.tree_map(to64, args))
-    assert residual < 1e-12, "dense Newton reference did not converge"
-    return y_star
 
 
 def _max_error(x, y):
@@ -397,14 +374,7 @@ def _loss(y):
 
 
 def _dense_gradient(fn, y0, args):
-    """d loss(y*) / d args by a dense implicit-function-theorem solve in float64."""
-    y_star = dense_fixed_point(fn, y0, args)
-    flat = y_star.reshape(-1)
-    jac = jax.jacfwd(lambda v: fn(v.reshape(y_star.shape), args).reshape(-1))(flat)
-    y_bar = jax.grad(_loss)(y_star).reshape(-1)
-    w = jnp.linalg.solve((jnp.eye(flat.size) - jac).T, y_bar)
-    _, vjp = jax.vjp(lambda a: fn(y_star, a), args)
-    return vjp(w.reshape(y_star.shape))[0]
+    return dense_ift_gradient(fn, y0, args, _loss)
 
 
 def _rel_error(grad, ref):

@@ -10,8 +10,7 @@ from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from .._custom_types import Aux, Y
 from .._misc import is_python_number, stats_dtype, two_norm, ω
-from .._results import RESULTS
-from .._termination import Termination
+from .._termination import detailed_result, terminate_result, Termination
 from ._base import check_solver_fields
 
 
@@ -195,15 +194,9 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
         for residual in (abs_z, abs_y):  # ignores NaNs, unlike `jnp.minimum`
             improved = residual < best_abs_residual
             best_abs_residual = jnp.where(improved, residual, best_abs_residual)
-        progress = best_abs_residual < (1 - self.termination.stall_tol) * (
-            state.stall_reference
+        stall_reference, steps_since_progress, stalled = self.termination.stall(
+            best_abs_residual, state.stall_reference, state.steps_since_progress
         )
-        stall_reference = jnp.where(progress, best_abs_residual, state.stall_reference)
-        steps_since_progress = jnp.where(progress, 0, state.steps_since_progress + 1)
-        if self.termination.stall_patience is None:
-            stalled = jnp.array(False)
-        else:
-            stalled = steps_since_progress >= self.termination.stall_patience
 
         if state.residual_history is None:
             history = None
@@ -232,35 +225,17 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, tags
-        out_of_budget = jnp.array(False)
-        budget = options.get("step_budget", None)
-        if budget is not None:
-            out_of_budget = state.num_accepted_steps >= budget
-        failed = state.diverged | state.stalled
-        terminate = state.converged | failed | out_of_budget
-        result = optx.RESULTS.where(
+        return terminate_result(
             state.converged,
-            optx.RESULTS.successful,
-            optx.RESULTS.where(
-                failed,
-                optx.RESULTS.nonlinear_divergence,
-                optx.RESULTS.where(
-                    out_of_budget,
-                    optx.RESULTS.nonlinear_max_steps_reached,
-                    optx.RESULTS.successful,
-                ),
-            ),
+            state.diverged,
+            state.stalled,
+            state.num_accepted_steps,
+            options,
         )
-        return terminate, result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         del fn, args, options, tags
-        detailed = RESULTS.promote(result)
-        detailed = RESULTS.where(
-            result == optx.RESULTS.nonlinear_divergence,
-            RESULTS.where(state.stalled, RESULTS.stalled, RESULTS.diverged),
-            detailed,
-        )
+        detailed = detailed_result(result, state.stalled)
         stats = {
             "num_fn_evals": state.num_fn_evals,
             "num_accepted_steps": state.num_accepted_steps,

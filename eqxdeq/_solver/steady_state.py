@@ -21,8 +21,7 @@ from .._misc import (
     two_norm,
     ω,
 )
-from .._results import RESULTS
-from .._termination import Termination
+from .._termination import detailed_result, terminate_result, Termination
 from ._base import check_solver_fields
 from ._common import COMMON_ARGUMENTS_DOC
 
@@ -463,15 +462,9 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
         improved = accept & (abs_eval < state.best_abs_residual)
         best_abs_residual = jnp.where(improved, abs_eval, state.best_abs_residual)
         best_rel_residual = jnp.where(improved, rel_eval, state.best_rel_residual)
-        progress = best_abs_residual < (1 - self.termination.stall_tol) * (
-            state.stall_reference
+        stall_reference, steps_since_progress, stalled = self.termination.stall(
+            best_abs_residual, state.stall_reference, state.steps_since_progress
         )
-        stall_reference = jnp.where(progress, best_abs_residual, state.stall_reference)
-        steps_since_progress = jnp.where(progress, 0, state.steps_since_progress + 1)
-        if self.termination.stall_patience is None:
-            stalled = jnp.array(False)
-        else:
-            stalled = steps_since_progress >= self.termination.stall_patience
         if self.return_best:
             best_y = tree_where(improved, y1, state.best_y)
         else:
@@ -512,35 +505,13 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, tags
-        out_of_budget = jnp.array(False)
-        budget = options.get("step_budget", None)
-        if budget is not None:
-            out_of_budget = state.num_ode_steps >= budget
-        failed = state.diverged | state.stalled
-        terminate = state.converged | failed | out_of_budget
-        result = optx.RESULTS.where(
-            state.converged,
-            optx.RESULTS.successful,
-            optx.RESULTS.where(
-                failed,
-                optx.RESULTS.nonlinear_divergence,
-                optx.RESULTS.where(
-                    out_of_budget,
-                    optx.RESULTS.nonlinear_max_steps_reached,
-                    optx.RESULTS.successful,
-                ),
-            ),
+        return terminate_result(
+            state.converged, state.diverged, state.stalled, state.num_ode_steps, options
         )
-        return terminate, result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         del options, tags
-        detailed = RESULTS.promote(result)
-        detailed = RESULTS.where(
-            result == optx.RESULTS.nonlinear_divergence,
-            RESULTS.where(state.stalled, RESULTS.stalled, RESULTS.diverged),
-            detailed,
-        )
+        detailed = detailed_result(result, state.stalled)
         if self.return_best:
             use_best = jnp.logical_not(state.converged)
             y = tree_where(use_best, state.best_y, y)
