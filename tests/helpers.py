@@ -83,6 +83,8 @@ def dense_fixed_point(fn, y0, args, steps=50):
 def dense_ift_gradient(fn, y0, args, loss):
     """d loss(y*) / d args by a dense implicit-function-theorem solve in float64,
     for an array `y`."""
+    to64 = lambda x: jnp.asarray(x, jnp.float64) if eqx.is_inexact_array(x) else x
+    args = jtu.tree_map(to64, args)
     y_star = dense_fixed_point(fn, y0, args)
     flat = y_star.reshape(-1)
     jac = jax.jacfwd(lambda v: fn(v.reshape(y_star.shape), args).reshape(-1))(flat)
