@@ -47,18 +47,18 @@ def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
         "Picard": eqxdeq.Picard(rtol, 0.0, **kw),
         "Anderson(m=5)": eqxdeq.Anderson(rtol, 0.0, **kw),
         "Broyden + line search": eqxdeq.Broyden(rtol, 0.0, line_search=True, **kw),
-        "NewtonKrylov (line search)": eqxdeq.NewtonKrylov(rtol, 0.0, **kw),
+        "NewtonKrylov (default: pseudo-transient, dt0=1)": eqxdeq.NewtonKrylov(
+            rtol, 0.0, **kw
+        ),
         "NewtonKrylov (pseudo-transient, dt0=0.1)": eqxdeq.NewtonKrylov(
-            rtol, 0.0, pseudo_time_step=0.1, line_search=False, **kw
+            rtol, 0.0, pseudo_time_step=0.1, **kw
         ),
-        "NewtonKrylov (pseudo-transient, dt0=1)": eqxdeq.NewtonKrylov(
-            rtol, 0.0, pseudo_time_step=1.0, line_search=False, **kw
+        "NewtonKrylov (Newton + line search)": eqxdeq.NewtonKrylov(
+            rtol, 0.0, pseudo_time_step=None, line_search=True, **kw
         ),
-        "Fallback(Anderson ≤ 60 steps → NewtonKrylov ΨTC dt0=0.1)": eqxdeq.Fallback(
+        "Fallback(Anderson ≤ 60 steps → NewtonKrylov)": eqxdeq.Fallback(
             eqxdeq.Anderson(rtol, 0.0, norm=optx.two_norm, termination=stall),
-            eqxdeq.NewtonKrylov(
-                rtol, 0.0, pseudo_time_step=0.1, line_search=False, **kw
-            ),
+            eqxdeq.NewtonKrylov(rtol, 0.0, **kw),
             stage_steps=(60, None),
         ),
     }

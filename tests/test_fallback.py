@@ -159,7 +159,7 @@ def test_anderson_then_pseudo_transient_on_a_non_contractive_layer():
     tol = 1e-6
     solver = eqxdeq.Fallback(
         eqxdeq.Anderson(tol, tol, termination=eqxdeq.Termination(stall_patience=10)),
-        eqxdeq.NewtonKrylov(tol, tol, pseudo_time_step=0.1, line_search=False),
+        eqxdeq.NewtonKrylov(tol, tol),
         stage_steps=(60, None),
     )
 

@@ -11,6 +11,7 @@ import optimistix as optx
 import pytest
 
 import eqxdeq
+from eqxdeq._solver.reversible import Checkpoints
 
 from .helpers import (
     dense_fixed_point,
@@ -313,8 +314,9 @@ def test_float32_reconstruction():
     """Inverting a contraction amplifies rounding errors, so the reconstructed
     iterates drift from the forward ones geometrically in the number of steps.
 
-    Measured relative gradient errors of ReversibleAdjoint against BPTT on this
-    tanh problem (n = 16, batch 4), relaxation 0.8, after N steps:
+    Measured relative gradient errors of ReversibleAdjoint(checkpoints=0) (the
+    pure reconstruction) against BPTT on this tanh problem (n = 16, batch 4),
+    relaxation 0.8, after N steps:
 
     | radius | N  | float32 | float64 |
     | ------ | -- | ------- | ------- |
@@ -333,10 +335,61 @@ def test_float32_reconstruction():
     """
     fn, y0, args = tanh_problem(jr.PRNGKey(0), radius=0.5, dtype=jnp.float32)
     solver = eqxdeq.Reversible(0.0, 0.0)
-    rev, _ = grad_args_y0(args, y0, fn, solver, eqxdeq.ReversibleAdjoint(), 5)
+    adjoint = eqxdeq.ReversibleAdjoint(checkpoints=0)
+    rev, _ = grad_args_y0(args, y0, fn, solver, adjoint, 5)
     bptt, _ = grad_args_y0(args, y0, fn, solver, optx.RecursiveCheckpointAdjoint(), 5)
     assert all(g.dtype == jnp.float32 for g in jtu.tree_leaves(rev))
     assert rel_error(rev, bptt) < 1e-4
+
+
+def test_checkpoints_bound_the_reconstruction_error():
+    """20 steps at radius 0.9 in float32: the pure reconstruction's gradient is
+    off by 2e-1, with the default 8 checkpoints (every 4th step kept) by 1e-5."""
+    fn, y0, args = tanh_problem(jr.PRNGKey(0), radius=0.9, dtype=jnp.float32)
+    solver = eqxdeq.Reversible(0.0, 0.0)
+    bptt = grad_args_y0(args, y0, fn, solver, optx.RecursiveCheckpointAdjoint(), 20)
+    pure = eqxdeq.ReversibleAdjoint(checkpoints=0)
+    assert rel_error(grad_args_y0(args, y0, fn, solver, pure, 20), bptt) > 1e-2
+    default = eqxdeq.ReversibleAdjoint()
+    assert rel_error(grad_args_y0(args, y0, fn, solver, default, 20), bptt) < 1e-4
+
+
+def test_reconstruction_overflow_raises():
+    """100 steps without checkpoints in float32: the reconstruction overflows. The
+    backward pass raises instead of returning a NaN gradient; checkpoints fix it."""
+    fn, y0, args = tanh_problem(jr.PRNGKey(0), radius=0.5, dtype=jnp.float32)
+    solver = eqxdeq.Reversible(0.0, 0.0)
+    pure = eqxdeq.ReversibleAdjoint(checkpoints=0)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="overflowed"):
+        grad_args_y0(args, y0, fn, solver, pure, 100)
+    grads = grad_args_y0(args, y0, fn, solver, eqxdeq.ReversibleAdjoint(32), 100)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(grads))
+
+
+@pytest.mark.parametrize("num_steps", [0, 1, 7, 8, 9, 16, 23, 64])
+def test_checkpoint_thinning(num_steps):
+    """Slot i holds step i * stride, the stride doubling whenever the slots fill, so
+    the copies always span the whole solve."""
+    slots = 4
+    y0 = {"a": jnp.zeros(2), "b": jnp.zeros(())}
+    checkpoints = Checkpoints.start(y0, slots)
+    record = jax.jit(Checkpoints.record)
+    for step in range(1, num_steps + 1):
+        y = jtu.tree_map(lambda x: x + step, y0)
+        z = jtu.tree_map(lambda x: x - step, y0)
+        checkpoints = record(checkpoints, jnp.array(step), y, z)
+    stride = int(checkpoints.stride)
+    assert num_steps // stride < slots
+    assert stride == 1 or num_steps // (stride // 2) >= slots
+    for i in range(num_steps // stride + 1):
+        np.testing.assert_array_equal(checkpoints.y["a"][i], i * stride)
+        np.testing.assert_array_equal(checkpoints.z["b"][i], -i * stride)
+    # `restore` picks the copy exactly at multiples of the stride.
+    dummy = jtu.tree_map(lambda x: x + 0.5, y0)
+    for step in range(num_steps + 1):
+        y, z = checkpoints.restore(jnp.array(step), dummy, dummy)
+        expected = step if step % stride == 0 else 0.5
+        np.testing.assert_array_equal(y["b"], expected)
 
 
 def test_float32_close_to_ift_when_converged():
@@ -382,9 +435,11 @@ def _grad_temp_bytes(adjoint, max_steps):
     return compiled.memory_analysis().temp_size_in_bytes  # pyright: ignore
 
 
-def test_memory_flat_in_max_steps():
-    # Measured: 4608 bytes at max_steps 16, 64 and 4096 (ImplicitAdjoint: 28256).
-    reversible = eqxdeq.ReversibleAdjoint()
+@pytest.mark.parametrize("checkpoints", [0, 8])
+def test_memory_flat_in_max_steps(checkpoints):
+    # Measured: 7104 bytes at max_steps 16, 64 and 4096 without checkpoints, 20656
+    # with 8 (16 copies of the 512-byte state, and one more buffer while thinning).
+    reversible = eqxdeq.ReversibleAdjoint(checkpoints)
     assert _grad_temp_bytes(reversible, 64) == _grad_temp_bytes(reversible, 4096)
 
 
@@ -396,7 +451,12 @@ def test_bptt_memory_grows_in_max_steps():
     Anderson in the fast suite."""
     bptt = optx.RecursiveCheckpointAdjoint()
     assert _grad_temp_bytes(bptt, 4096) > 2 * _grad_temp_bytes(bptt, 64)
-    assert _grad_temp_bytes(bptt, 64) > _grad_temp_bytes(eqxdeq.ReversibleAdjoint(), 64)
+    assert _grad_temp_bytes(bptt, 64) > _grad_temp_bytes(
+        eqxdeq.ReversibleAdjoint(checkpoints=0), 64
+    )
+    assert _grad_temp_bytes(bptt, 4096) > _grad_temp_bytes(
+        eqxdeq.ReversibleAdjoint(), 4096
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -426,6 +486,11 @@ def test_bad_fields():
         eqxdeq.Reversible(-1.0, 1e-6)
     with pytest.raises(ValueError, match=r"Reversible\(history_length=\.\.\.\)"):
         eqxdeq.Reversible(1e-6, 1e-6, history_length=-1)
+    for bad in (3, -2):
+        with pytest.raises(ValueError, match=r"Reversible\(checkpoints=\.\.\.\)"):
+            eqxdeq.Reversible(1e-6, 1e-6, checkpoints=bad)  # pyright: ignore
+        with pytest.raises(ValueError, match=r"ReversibleAdjoint\(checkpoints="):
+            eqxdeq.ReversibleAdjoint(checkpoints=bad)  # pyright: ignore
 
 
 def test_forward_mode_is_not_supported():

@@ -33,7 +33,7 @@ class Fallback(optx.AbstractFixedPointSolver[Y, Aux, _FallbackState]):
     ```python
     solver = eqxdeq.Fallback(
         eqxdeq.Anderson(1e-5, 1e-5, termination=eqxdeq.Termination(stall_patience=20)),
-        eqxdeq.NewtonKrylov(1e-5, 1e-5, pseudo_time_step=0.1, line_search=False),
+        eqxdeq.NewtonKrylov(1e-5, 1e-5),
     )
     ```
 

@@ -3,13 +3,21 @@ from typing import Generic
 
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from .._custom_types import Aux, Y
-from .._misc import is_python_number, stats_dtype, two_norm, ω
+from .._misc import (
+    buffer_set,
+    history_buffer,
+    is_python_number,
+    stats_dtype,
+    two_norm,
+    ω,
+)
 from .._termination import detailed_result, terminate_result, Termination
 from ._base import check_solver_fields
 
@@ -57,10 +65,65 @@ def reversible_step(fn, beta, y: Y, z: Y, args: PyTree):
     return new_y, new_z, f_z, f_y, aux
 
 
+def _compact(buffer: PyTree[Array]) -> PyTree[Array]:
+    """Rows `0, 2, 4, ...` of every leaf moved to the front (the back half is
+    left as it was: it is overwritten before it is read)."""
+
+    def _compact_leaf(b):
+        half = b.shape[0] // 2
+        return jnp.concatenate([b[::2], b[half:]])
+
+    return jtu.tree_map(_compact_leaf, buffer)
+
+
+class Checkpoints(eqx.Module, Generic[Y]):
+    r"""Exact copies of $(y_n, z_n)$ at the steps $n = 0, s, 2s, \ldots$ (slot $i$
+    holds step $i s$), in a buffer of a fixed number of slots. When the buffer is
+    full, every other checkpoint is dropped and the stride $s$ doubles, so the
+    checkpoints always cover the whole solve with at most $2N/\text{slots}$ steps
+    between them."""
+
+    y: Y  # leaves of shape (slots, *leaf.shape)
+    z: Y
+    stride: Int[Array, ""]
+
+    @classmethod
+    def start(cls, y0: Y, slots: int) -> "Checkpoints[Y]":
+        buffer = buffer_set(history_buffer(y0, slots), 0, y0)
+        return cls(y=buffer, z=buffer, stride=jnp.array(1))
+
+    def record(self, step: Int[Array, ""], y: Y, z: Y) -> "Checkpoints[Y]":
+        r"""Record $(y_n, z_n)$ at `step` $= n \ge 1$ if it falls on the stride."""
+        slots = jtu.tree_leaves(self.y)[0].shape[0]
+        full = (step % self.stride == 0) & (step // self.stride == slots)
+        buffer_y, buffer_z = lax.cond(
+            full, _compact, lambda buffers: buffers, (self.y, self.z)
+        )
+        stride = jnp.where(full, 2 * self.stride, self.stride)
+        write = step % stride == 0
+        slot = jnp.minimum(step // stride, slots - 1)
+        return Checkpoints(
+            y=buffer_set(buffer_y, slot, y, write),
+            z=buffer_set(buffer_z, slot, z, write),
+            stride=stride,
+        )
+
+    def restore(self, step: Int[Array, ""], y: Y, z: Y) -> tuple[Y, Y]:
+        """$(y_n, z_n)$ at `step` $= n$: the recorded copy if there is one, else
+        `(y, z)` (the reconstruction)."""
+        hit = step % self.stride == 0
+        slot = step // self.stride
+        pick = lambda buffer, value: jtu.tree_map(
+            lambda b, v: jnp.where(hit, b[slot], v), buffer, value
+        )
+        return pick(self.y, y), pick(self.z, z)
+
+
 class _ReversibleState(eqx.Module, Generic[Y]):
     # The loop.
     first_step: Bool[Array, ""]
     z: Y  # the second sequence; the first, y, is optimistix's iterate
+    checkpoints: Checkpoints[Y] | None
     # Termination.
     converged: Bool[Array, ""]
     diverged: Bool[Array, ""]
@@ -133,9 +196,19 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
     relaxation: float = 0.8
     termination: Termination = eqx.field(default=Termination(), kw_only=True)
     history_length: int = eqx.field(default=0, kw_only=True)
+    checkpoints: int = eqx.field(default=0, kw_only=True)
 
     def __check_init__(self):
         check_solver_fields(self, "Reversible")
+        if (
+            not isinstance(self.checkpoints, int)
+            or self.checkpoints < 0
+            or self.checkpoints % 2
+        ):
+            raise ValueError(
+                "`Reversible(checkpoints=...)` must be a non-negative even int, got "
+                f"{self.checkpoints!r}."
+            )
         if is_python_number(self.relaxation) and not 0 < self.relaxation < 1:
             raise ValueError(
                 "`Reversible(relaxation=...)` must be in (0, 1) (the backward step "
@@ -151,9 +224,13 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
             history = jnp.full((self.history_length,), jnp.nan, dtype)
         else:
             history = None
+        checkpoints = None
+        if self.checkpoints > 0:
+            checkpoints = Checkpoints.start(y, self.checkpoints)
         return _ReversibleState(
             first_step=jnp.array(True),
             z=y,
+            checkpoints=checkpoints,
             converged=jnp.array(False),
             diverged=jnp.array(False),
             stalled=jnp.array(False),
@@ -205,9 +282,13 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
             history = state.residual_history.at[index].set(abs_z, mode="drop")
             history = history.at[index + 1].set(abs_y, mode="drop")
 
+        checkpoints = state.checkpoints
+        if checkpoints is not None:
+            checkpoints = checkpoints.record(state.num_accepted_steps + 1, new_y, new_z)
         new_state = _ReversibleState(
             first_step=jnp.array(False),
             z=new_z,
+            checkpoints=checkpoints,
             converged=converged,
             diverged=diverged,
             stalled=stalled,
@@ -269,4 +350,7 @@ Reversible.__init__.__doc__ = """**Arguments:**
 - `history_length`: if positive, `sol.stats["residual_history"]` records
     $\\|f(\\cdot)-\\cdot\\|_2$ at the first `history_length` evaluations (two per
     step). Default 0 (no cost).
+- `checkpoints`: the number of exact copies of $(y_n, z_n)$ kept for
+    [`eqxdeq.ReversibleAdjoint`][] (an even number, or 0 for none). Set by
+    `ReversibleAdjoint(checkpoints=...)`; there is no need to set it here.
 """
