@@ -6,7 +6,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 
 from .._misc import tree_allfinite, ω
-from .._solver.reversible import Reversible, unrelax, weights
+from .._solver.reversible import check_checkpoints, Reversible, unrelax, weights
 from ._core import INPUT_Y0, lax_while, NUM_INPUTS, RESIDUAL_STATE, split_inputs
 
 
@@ -174,15 +174,7 @@ class ReversibleAdjoint(optx.AbstractAdjoint):
     checkpoints: int = 8
 
     def __check_init__(self):
-        if (
-            not isinstance(self.checkpoints, int)
-            or self.checkpoints < 0
-            or self.checkpoints % 2
-        ):
-            raise ValueError(
-                "`ReversibleAdjoint(checkpoints=...)` must be a non-negative even "
-                f"int, got {self.checkpoints!r}."
-            )
+        check_checkpoints(self.checkpoints, "ReversibleAdjoint")
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         del rewrite_fn, tags

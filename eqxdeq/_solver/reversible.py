@@ -119,6 +119,14 @@ class Checkpoints(eqx.Module, Generic[Y]):
         return pick(self.y, y), pick(self.z, z)
 
 
+def check_checkpoints(checkpoints, name: str):
+    if not isinstance(checkpoints, int) or checkpoints < 0 or checkpoints % 2:
+        raise ValueError(
+            f"`{name}(checkpoints=...)` must be a non-negative even int, got "
+            f"{checkpoints!r}."
+        )
+
+
 class _ReversibleState(eqx.Module, Generic[Y]):
     # The loop.
     first_step: Bool[Array, ""]
@@ -200,15 +208,7 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
 
     def __check_init__(self):
         check_solver_fields(self, "Reversible")
-        if (
-            not isinstance(self.checkpoints, int)
-            or self.checkpoints < 0
-            or self.checkpoints % 2
-        ):
-            raise ValueError(
-                "`Reversible(checkpoints=...)` must be a non-negative even int, got "
-                f"{self.checkpoints!r}."
-            )
+        check_checkpoints(self.checkpoints, "Reversible")
         if is_python_number(self.relaxation) and not 0 < self.relaxation < 1:
             raise ValueError(
                 "`Reversible(relaxation=...)` must be in (0, 1) (the backward step "
