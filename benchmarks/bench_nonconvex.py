@@ -17,6 +17,8 @@ time, and the time relative to `optx.Newton` with its default dense linear solve
 the 2-core CI machine, so it is only run with `--full-state-newton`).
 
 Usage: python benchmarks/bench_nonconvex.py [--n 256] [--batch 32] [--norm 1.3]
+       python benchmarks/bench_nonconvex.py --sweep   (Newton–Krylov's options over
+                                                      ‖W‖₂ = 1.3, 1.6, 2)
 """
 
 import argparse
@@ -70,6 +72,73 @@ def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
     return out
 
 
+def sweep_solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
+    """Newton–Krylov's globalisation options: how the default was chosen."""
+    term = eqxdeq.Termination(criterion="norm")
+    kw = dict(norm=optx.two_norm, termination=term)
+    out: dict[str, optx.AbstractFixedPointSolver] = {}
+    for dt0 in (0.3, 1.0, 3.0):
+        for forcing_max in (0.9, 0.5):
+            descent = eqxdeq.NewtonKrylovDescent(
+                forcing_max=forcing_max, pseudo_time_step=dt0
+            )
+            out[f"ΨTC dt0={dt0}, forcing_max={forcing_max}"] = (
+                eqxdeq.DescentSearchSolver(
+                    rtol, 0.0, descent=descent, search=optx.LearningRate(1.0), **kw
+                )
+            )
+    out["Newton + line search"] = eqxdeq.NewtonKrylov(
+        rtol, 0.0, pseudo_time_step=None, line_search=True, **kw
+    )
+    return out
+
+
+def run_per_sample(problem, solver, opts):
+    """Solve every sample (vmap); returns the solution, the relative residuals
+    (float64) and the median time."""
+    weight, injection = problem.args
+
+    def solve_one(y0, c):
+        return optx.fixed_point(
+            problem.fn, solver, y0, (weight, c), max_steps=opts.max_steps, throw=False
+        )
+
+    run = jax.jit(jax.vmap(solve_one))
+    sol = run(problem.y0, injection)
+    z = np.asarray(sol.value, np.float64)
+    fz = np.asarray(problem.fn(sol.value, problem.args), np.float64)
+    rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
+    t = statistics.median(
+        time_fn_all(run, problem.y0, injection, repeats=opts.repeats, warmup=0)
+    )
+    return sol, rel, t
+
+
+def sweep(opts):
+    norms = (1.3, 1.6, 2.0)
+    problems = {
+        norm: make_tanh_problem(
+            ProblemSpec(opts.n, opts.batch, norm), input_scale=opts.input_scale
+        )
+        for norm in norms
+    }
+    print(environment())
+    print(
+        f"\nSweep: n={opts.n}, batch={opts.batch}, input RMS {opts.input_scale}, "
+        "float32; per ‖W‖₂: samples converged, max f-evals, median time\n"
+    )
+    rows = []
+    for name, solver in sweep_solvers(opts.rtol).items():
+        row = [name]
+        for norm in norms:
+            sol, rel, t = run_per_sample(problems[norm], solver, opts)
+            converged = int(np.sum(rel <= opts.rtol))
+            evals = int(np.max(np.asarray(sol.stats["num_fn_evals"])))
+            row.append(f"{converged}/{opts.batch}, {evals}, {fmt_time(t)}")
+        rows.append(row)
+    print(markdown_table(["solver"] + [f"‖W‖₂ = {n}" for n in norms], rows))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=256)
@@ -80,7 +149,15 @@ def main():
     parser.add_argument("--max-steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--full-state-newton", action="store_true")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="compare Newton–Krylov's globalisation options over ‖W‖₂ = 1.3, 1.6, 2",
+    )
     opts = parser.parse_args()
+    if opts.sweep:
+        sweep(opts)
+        return
 
     spec = ProblemSpec(opts.n, opts.batch, opts.norm)
     problem = make_tanh_problem(spec, input_scale=opts.input_scale)
@@ -91,22 +168,8 @@ def main():
     rows = []
     times = {}
     for name, solver in solvers(opts.rtol).items():
-
-        def solve_one(y0, c, solver=solver):
-            return optx.fixed_point(
-                problem.fn,
-                solver,
-                y0,
-                (weight, c),
-                max_steps=opts.max_steps,
-                throw=False,
-            )
-
-        run = jax.jit(jax.vmap(solve_one))
-        sol = run(problem.y0, injection)
+        sol, rel, t = run_per_sample(problem, solver, opts)
         z = np.asarray(sol.value, np.float64)
-        fz = np.asarray(problem.fn(sol.value, problem.args), np.float64)
-        rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
         converged = int(np.sum(rel <= opts.rtol))
         # The Jacobian's spectral radius at each returned point.
         slope = (
@@ -124,9 +187,6 @@ def main():
         if name.startswith("optx.Newton"):
             # One evaluation and a full Jacobian (n jvps, batched) per step.
             jvps = evals * opts.n
-        t = statistics.median(
-            time_fn_all(run, problem.y0, injection, repeats=opts.repeats, warmup=0)
-        )
         times[name] = t
         rows.append(
             [
