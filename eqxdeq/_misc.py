@@ -43,6 +43,12 @@ def two_norm(x: PyTree[Array], dtype) -> Scalar:
     return jnp.sqrt(tree_inner(x, x, dtype))
 
 
+def max_norm(x: PyTree[Array], dtype) -> Scalar:
+    """`max_leaves max |x|`, in `dtype` (leaves may have mixed dtypes)."""
+    maxima = [jnp.max(jnp.abs(a)).astype(dtype) for a in jtu.tree_leaves(x)]
+    return ft.reduce(jnp.maximum, maxima, jnp.zeros((), dtype))
+
+
 def batched_inner(xs: PyTree[Array], y: PyTree[Array], dtype) -> Array:
     """For `xs` with a leading axis of length `m` on every leaf, returns the vector
     `[<xs[i], y> for i in range(m)]`, accumulated in `dtype`."""

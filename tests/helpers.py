@@ -126,6 +126,10 @@ def _solver_factories():
             search=optx.LearningRate(0.7),
             **kw,
         ),
+        "newton_krylov": lambda tol, **kw: eqxdeq.NewtonKrylov(tol, tol, **kw),
+        "newton_krylov_ls": lambda tol, **kw: eqxdeq.NewtonKrylov(
+            tol, tol, pseudo_time_step=None, line_search=True, **kw
+        ),
         "anderson_bt": lambda tol, **kw: eqxdeq.DescentSearchSolver(
             tol,
             tol,

@@ -46,6 +46,14 @@ STATS_KEYS = {
     "best_abs_residual",
     "result",
 }
+# Jacobian descents add their own counters.
+JACOBIAN_STATS_KEYS = {"num_jvps", "num_linear_steps", "num_inexact_solves"}
+
+
+def _stats_keys(name):
+    if name.startswith("newton_krylov"):
+        return STATS_KEYS | JACOBIAN_STATS_KEYS
+    return STATS_KEYS
 
 
 def _solver_params(fast=CORE_SOLVERS):
@@ -285,6 +293,7 @@ _FAST_PYTREE_CASES = {
     ("anderson", "mixed"),
     ("broyden", "tuple"),
     ("anderson_bt", "dict"),
+    ("newton_krylov", "mixed"),  # regression: mixed dtypes in the Krylov solve
 }
 
 
@@ -322,7 +331,10 @@ def test_pytree(name, structure):
     # Statistics in the widest dtype of the leaves.
     assert sol.stats["abs_residual"].dtype == jnp.float64
     abs_residual, _ = _residual_norm(block_linear, sol.value, args)
-    np.testing.assert_allclose(sol.stats["abs_residual"], abs_residual, rtol=1e-4)
+    # (Newton converges to rounding level, where only an absolute comparison holds.)
+    np.testing.assert_allclose(
+        sol.stats["abs_residual"], abs_residual, rtol=1e-4, atol=1e-13
+    )
 
 
 def tanh_layer_with_aux(y, args):
@@ -422,7 +434,9 @@ _GRAD_CASES = [
         name,
         adjoint,
         marks=()
-        if name in CORE_SOLVERS and (adjoint == "implicit" or name == "picard")
+        if (name in CORE_SOLVERS and (adjoint == "implicit" or name == "picard"))
+        # Regression: backpropagating through the Krylov solves.
+        or (name == "newton_krylov" and adjoint == "recursive")
         else slow,
     )
     for adjoint in ("implicit", "recursive")
@@ -476,7 +490,7 @@ def test_stats_keys(name):
         max_steps=MAX_STEPS,
         throw=False,
     )
-    assert set(sol.stats) == STATS_KEYS
+    assert set(sol.stats) == _stats_keys(name)
     assert sol.stats["max_steps"] == MAX_STEPS
     assert sol.stats["num_steps"] == sol.stats["num_fn_evals"]
     assert isinstance(sol.stats["result"], eqxdeq.RESULTS)
@@ -491,7 +505,9 @@ def test_stats_keys(name):
 )
 def test_stats_residuals_and_history(name):
     fn, y0, args, _ = _problem("tanh", 0.9, jnp.float64)
-    solver = FIXED_POINT_SOLVERS[name](1e-10, history_length=8)
+    # Newton-Krylov converges in 6 evaluations here: stop it earlier.
+    short, long, length = (2, 5, 4) if name.startswith("newton_krylov") else (5, 12, 8)
+    solver = FIXED_POINT_SOLVERS[name](1e-10, history_length=length)
 
     def solve(budget):
         return optx.fixed_point(
@@ -506,33 +522,33 @@ def test_stats_residuals_and_history(name):
 
     # Stopped early, so the residuals are far above rounding and can be recomputed
     # tightly.
-    sol = solve(5)
-    assert set(sol.stats) == STATS_KEYS | {"residual_history"}
+    sol = solve(short)
+    assert set(sol.stats) == _stats_keys(name) | {"residual_history"}
     assert sol.result == optx.RESULTS.nonlinear_max_steps_reached
-    assert sol.stats["num_fn_evals"] == 5
+    assert sol.stats["num_fn_evals"] == short
     abs_residual, f_norm = _residual_norm(fn, sol.value, args)
     np.testing.assert_allclose(sol.stats["abs_residual"], abs_residual, rtol=1e-10)
     np.testing.assert_allclose(
         sol.stats["rel_residual"], abs_residual / f_norm, rtol=1e-10
     )
     history = sol.stats["residual_history"]
-    assert history.shape == (8,)
+    assert history.shape == (length,)
     assert history.dtype == jnp.float64
-    assert jnp.all(jnp.isfinite(history[:5]))
-    assert jnp.all(jnp.isnan(history[5:]))
+    assert jnp.all(jnp.isfinite(history[:short]))
+    assert jnp.all(jnp.isnan(history[short:]))
     # The first evaluation is at y0.
     np.testing.assert_allclose(history[0], _residual_norm(fn, y0, args)[0], rtol=1e-12)
-    np.testing.assert_allclose(sol.stats["best_abs_residual"], jnp.min(history[:5]))
+    np.testing.assert_allclose(sol.stats["best_abs_residual"], jnp.min(history[:short]))
     # `return_best=True` (the default): the returned iterate is the best one.
     np.testing.assert_allclose(
         sol.stats["abs_residual"], sol.stats["best_abs_residual"], rtol=1e-12
     )
 
     # Past `history_length` evaluations only the first ones are kept.
-    longer = solve(12)
-    assert longer.stats["num_fn_evals"] == 12
+    longer = solve(long)
+    assert longer.stats["num_fn_evals"] == long
     assert jnp.all(jnp.isfinite(longer.stats["residual_history"]))
-    assert jnp.array_equal(longer.stats["residual_history"][:5], history[:5])
+    assert jnp.array_equal(longer.stats["residual_history"][:short], history[:short])
 
 
 def _diverging_problem():

@@ -15,7 +15,10 @@ This module also pins the private contract of optimistix's adjoints: the layout 
 import functools as ft
 
 import equinox as eqx
+import jax
 import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 from jaxtyping import PyTree
@@ -64,13 +67,47 @@ def _preconditioned_rewrite(root, residual, inputs):
     return solver.descent.inverse_jacobian_mv(descent_state, g)
 
 
+def tree_dtype(tree):
+    """The widest dtype of the leaves."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(*jtu.tree_leaves(tree))
+
+
+def _cast(tree, dtype):
+    return jtu.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def _cast_like(tree, like):
+    return jtu.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
+
+
+# The linear solve sees the fixed point with every leaf in one dtype, the widest of
+# the leaves (lineax's solvers need one dtype across a pytree); `f` still runs in
+# the leaves' own dtypes. For a pytree of one dtype the casts are no-ops.
+# `packed = (inputs, primal_fn, rewrite)`.
+
+
+def _uniform_primal(packed):
+    inputs, primal_fn, _ = packed
+    root, residual = primal_fn(inputs)
+    return _cast(root, tree_dtype(inputs[INPUT_Y0])), residual
+
+
+def _uniform_rewrite(root, residual, packed):
+    inputs, _, rewrite = packed
+    y0 = inputs[INPUT_Y0]
+    out = rewrite(_cast_like(root, y0), residual, inputs)
+    return _cast(out, tree_dtype(y0))
+
+
 def has_inverse_jacobian(solver) -> bool:
     descent = getattr(solver, "descent", None)
     return hasattr(descent, "inverse_jacobian_mv")
 
 
 # `implicit_jvp` requires global functions; unwrap the jaxtyping import hook.
-for _name in ("_rewrite", "_preconditioned_rewrite"):
+_GLOBAL = ("_rewrite", "_preconditioned_rewrite", "_uniform_primal", "_uniform_rewrite")
+for _name in _GLOBAL:
     _f = globals()[_name]
     if _f.__globals__["__name__"].startswith("jaxtyping"):
         globals()[_name] = _f.__wrapped__
@@ -102,9 +139,11 @@ def implicit_apply(
         rewrite, tags = _preconditioned_rewrite, frozenset()
     else:
         rewrite, tags = _rewrite, _flip_tags(tags)
-    return optx.internal.implicit_jvp(
-        primal_fn, rewrite, lax_while(inputs), tags, linear_solver
+    packed = (lax_while(inputs), primal_fn, rewrite)
+    root, residual = optx.internal.implicit_jvp(
+        _uniform_primal, _uniform_rewrite, packed, tags, linear_solver
     )
+    return _cast_like(root, inputs[INPUT_Y0]), residual
 
 
 def stop_gradient_inputs(inputs):

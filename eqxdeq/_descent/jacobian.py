@@ -12,6 +12,8 @@ import abc
 from typing import Generic, TypeVar
 
 import equinox as eqx
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
@@ -19,7 +21,15 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Int, Scalar
 
 from .._custom_types import Y
-from .._misc import stats_dtype, tree_allfinite, tree_scale, tree_where, two_norm, ω
+from .._misc import (
+    max_norm,
+    stats_dtype,
+    tree_allfinite,
+    tree_scale,
+    tree_where,
+    two_norm,
+    ω,
+)
 
 
 _ResidualJac = optx.FunctionInfo.ResidualJac
@@ -227,14 +237,15 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         dtype = stats_dtype(g)
         g_norm = two_norm(g, dtype)
         eta = self._forcing(g_norm, state, dtype)
-        g_max = optx.max_norm(g).astype(dtype)
+        g_max = max_norm(g, dtype)
         # lineax stops when |r_i| <= atol + rtol |b_i| and the last restart cycle
         # changed each d_i by at most atol + rtol |d_i|: with these values, when the
         # linear residual is at most ~eta ‖g‖ and d is settled to relative accuracy
         # eta.
-        solver = eqx.tree_at(
-            lambda s: (s.rtol, s.atol), self.linear_solver, (eta, eta * g_max)
-        )
+        # (Tolerances are not differentiated: lineax rejects a solver with tangents,
+        # e.g. under backpropagation through the iterations.)
+        tolerances = lax.stop_gradient((eta, eta * g_max))
+        solver = eqx.tree_at(lambda s: (s.rtol, s.atol), self.linear_solver, tolerances)
         # Switched evolution relaxation: the pseudo-time step grows as the residual
         # falls, dt_k = dt_0 ‖g_0‖ / ‖g_k‖, so the step moves from a damped Picard
         # step, dt g, far from the solution to the Newton step near it. ‖g_0‖ is the
@@ -249,18 +260,26 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         )
         dt = dt0 * reference / g_norm
         shift = 1 / dt
-        # (∂g/∂y - I/dt) d = -g, i.e. ((1 + 1/dt) I - ∂f/∂y) d = g.
-        if self.pseudo_time_step is None:
-            operator = f_info.jac
-        else:
-            jac = f_info.jac
-            operator = lx.FunctionLinearOperator(
-                lambda v: (jac.mv(v) ** ω - tree_scale(shift, v) ** ω).ω,
-                jac.in_structure(),
-            )
-        neg_g = (-(ω(g))).ω
+        # (∂g/∂y - I/dt) d = -g, i.e. ((1 + 1/dt) I - ∂f/∂y) d = g. The Krylov
+        # solve runs with every leaf in `dtype` (at least float32, the widest of the
+        # leaves): lineax's solvers need one dtype across the pytree, and a Krylov
+        # solve in bfloat16 would stagnate at once. The Jacobian-vector products
+        # themselves run in the leaves' own dtypes.
+        jac = f_info.jac
+        like = jax.eval_shape(lambda: g)
+
+        def matvec(v):
+            v = _cast_like(v, like)
+            out = jac.mv(v)
+            if self.pseudo_time_step is not None:
+                out = (out**ω - tree_scale(shift, v) ** ω).ω
+            return _cast(out, dtype)
+
+        neg_g = _cast((-(ω(g))).ω, dtype)
+        operator = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: neg_g))
         sol = lx.linear_solve(operator, neg_g, solver, throw=False)
-        direction = tree_where(tree_allfinite(sol.value), sol.value, g)
+        finite = tree_allfinite(sol.value)
+        direction = tree_where(finite, _cast_like(sol.value, like), g)
         num_steps = sol.stats["num_steps"]
         return _NewtonKrylovState(
             first=jnp.array(False),
@@ -296,6 +315,14 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
             "num_linear_steps": state.num_linear_steps,
             "num_inexact_solves": state.num_inexact_solves,
         }
+
+
+def _cast(tree, dtype):
+    return jtu.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def _cast_like(tree, like):
+    return jtu.tree_map(lambda a, s: a.astype(s.dtype), tree, like)
 
 
 def _size(tree) -> int:
