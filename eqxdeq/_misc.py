@@ -78,6 +78,17 @@ def tree_scale(scale: Scalar, x: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(lambda a: scale.astype(a.dtype) * a, x)
 
 
+def tree_cast(x: PyTree[Array], dtype) -> PyTree[Array]:
+    """Every leaf cast to `dtype`."""
+    return jtu.tree_map(lambda a: a.astype(dtype), x)
+
+
+def tree_cast_like(x: PyTree[Array], like: PyTree) -> PyTree[Array]:
+    """Every leaf cast to the dtype of the matching leaf of `like` (arrays or
+    `jax.ShapeDtypeStruct`s)."""
+    return jtu.tree_map(lambda a, b: a.astype(b.dtype), x, like)
+
+
 def tree_allfinite(x: PyTree[Array]) -> Bool[Array, ""]:
     leaves = [jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(x)]
     return ft.reduce(jnp.logical_and, leaves, jnp.array(True))

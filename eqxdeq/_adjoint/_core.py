@@ -23,7 +23,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import PyTree
 
-from .._misc import while_loop, ω
+from .._misc import tree_cast, tree_cast_like, while_loop, ω
 
 
 # optimistix's `_iterate` takes
@@ -73,14 +73,6 @@ def tree_dtype(tree):
         return jnp.result_type(*jtu.tree_leaves(tree))
 
 
-def _cast(tree, dtype):
-    return jtu.tree_map(lambda a: a.astype(dtype), tree)
-
-
-def _cast_like(tree, like):
-    return jtu.tree_map(lambda a, b: a.astype(b.dtype), tree, like)
-
-
 # The linear solve sees the fixed point with every leaf in one dtype, the widest of
 # the leaves (lineax's solvers need one dtype across a pytree); `f` still runs in
 # the leaves' own dtypes. For a pytree of one dtype the casts are no-ops.
@@ -90,14 +82,14 @@ def _cast_like(tree, like):
 def _uniform_primal(packed):
     inputs, primal_fn, _ = packed
     root, residual = primal_fn(inputs)
-    return _cast(root, tree_dtype(inputs[INPUT_Y0])), residual
+    return tree_cast(root, tree_dtype(inputs[INPUT_Y0])), residual
 
 
 def _uniform_rewrite(root, residual, packed):
     inputs, _, rewrite = packed
     y0 = inputs[INPUT_Y0]
-    out = rewrite(_cast_like(root, y0), residual, inputs)
-    return _cast(out, tree_dtype(y0))
+    out = rewrite(tree_cast_like(root, y0), residual, inputs)
+    return tree_cast(out, tree_dtype(y0))
 
 
 def has_inverse_jacobian(solver) -> bool:
@@ -143,7 +135,7 @@ def implicit_apply(
     root, residual = optx.internal.implicit_jvp(
         _uniform_primal, _uniform_rewrite, packed, tags, linear_solver
     )
-    return _cast_like(root, inputs[INPUT_Y0]), residual
+    return tree_cast_like(root, inputs[INPUT_Y0]), residual
 
 
 def stop_gradient_inputs(inputs):

@@ -25,6 +25,8 @@ from .._misc import (
     max_norm,
     stats_dtype,
     tree_allfinite,
+    tree_cast,
+    tree_cast_like,
     tree_scale,
     tree_where,
     two_norm,
@@ -85,7 +87,6 @@ class _NewtonKrylovState(eqx.Module, Generic[Y]):
     g_norm_prev: Scalar
     g_norm_reference: Scalar  # ‖g‖ at which the pseudo-time step is `dt0`
     forcing_prev: Scalar
-    pseudo_time_step: Scalar
     direction: Y
     num_jvps: Int[Array, ""]
     num_linear_steps: Int[Array, ""]
@@ -203,10 +204,6 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
             g_norm_prev=jnp.array(jnp.inf, dtype),
             g_norm_reference=jnp.array(jnp.nan, dtype),
             forcing_prev=jnp.array(self.forcing_max, dtype),
-            pseudo_time_step=jnp.array(
-                jnp.inf if self.pseudo_time_step is None else self.pseudo_time_step,
-                dtype,
-            ),
             direction=jtu.tree_map(jnp.zeros_like, y),
             num_jvps=zero,
             num_linear_steps=zero,
@@ -269,24 +266,23 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         like = jax.eval_shape(lambda: g)
 
         def matvec(v):
-            v = _cast_like(v, like)
+            v = tree_cast_like(v, like)
             out = jac.mv(v)
             if self.pseudo_time_step is not None:
                 out = (out**ω - tree_scale(shift, v) ** ω).ω
-            return _cast(out, dtype)
+            return tree_cast(out, dtype)
 
-        neg_g = _cast((-(ω(g))).ω, dtype)
+        neg_g = tree_cast((-(ω(g))).ω, dtype)
         operator = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: neg_g))
         sol = lx.linear_solve(operator, neg_g, solver, throw=False)
         finite = tree_allfinite(sol.value)
-        direction = tree_where(finite, _cast_like(sol.value, like), g)
+        direction = tree_where(finite, tree_cast_like(sol.value, like), g)
         num_steps = sol.stats["num_steps"]
         return _NewtonKrylovState(
             first=jnp.array(False),
             g_norm_prev=g_norm,
             g_norm_reference=reference,
             forcing_prev=eta,
-            pseudo_time_step=dt,
             direction=direction,
             num_jvps=state.num_jvps
             + krylov_matvecs(self.linear_solver, num_steps, _size(g)),
@@ -315,14 +311,6 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
             "num_linear_steps": state.num_linear_steps,
             "num_inexact_solves": state.num_inexact_solves,
         }
-
-
-def _cast(tree, dtype):
-    return jtu.tree_map(lambda a: a.astype(dtype), tree)
-
-
-def _cast_like(tree, like):
-    return jtu.tree_map(lambda a, s: a.astype(s.dtype), tree, like)
 
 
 def _size(tree) -> int:

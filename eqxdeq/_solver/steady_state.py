@@ -16,6 +16,7 @@ from .._misc import (
     is_python_number,
     stats_dtype,
     tree_allfinite,
+    tree_cast,
     tree_where,
     tree_zeros_like_struct,
     two_norm,
@@ -88,11 +89,6 @@ def _like(new: PyTree, old: PyTree) -> PyTree:
         return n
 
     return jtu.tree_map(cast, new, old)
-
-
-def _to(tree: PyTree, dtype) -> PyTree:
-    """Every leaf of `tree` cast to `dtype`."""
-    return jtu.tree_map(lambda x: x.astype(dtype), tree)
 
 
 def _struct(tree: PyTree) -> PyTree[jax.ShapeDtypeStruct]:
@@ -304,9 +300,9 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
         del options, f_struct, tags
         # The ODE is integrated, and the time kept, in one dtype for all leaves.
         dtype = stats_dtype(y)
-        z = _to(y, dtype)
+        z = tree_cast(y, dtype)
         f, _ = fn(y, args)
-        vf = (_to(f, dtype) ** ω - z**ω).ω
+        vf = (tree_cast(f, dtype) ** ω - z**ω).ω
         abs_residual = two_norm(vf, dtype)
         rel_residual = abs_residual / two_norm(f, dtype)
         with jax.numpy_dtype_promotion("standard"):
@@ -367,7 +363,7 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
     def step(self, fn, y, args, options, state, tags):
         del options, tags
         dtype = stats_dtype(y)
-        z = _to(y, dtype)
+        z = tree_cast(y, dtype)
         solver = self.solver
         counter = _Counter()
         if isinstance(solver, diffrax.AbstractRungeKutta):
@@ -408,7 +404,7 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
             new_solver_state = None
         else:
             f1, _ = fn(y1, args)
-            vf1 = (_to(f1, dtype) ** ω - z1**ω).ω
+            vf1 = (tree_cast(f1, dtype) ** ω - z1**ω).ω
             step_evals += 1
         if y_error is not None:
             y_error = jtu.tree_map(
