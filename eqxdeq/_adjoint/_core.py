@@ -22,6 +22,7 @@ import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 from jaxtyping import PyTree
+from optimistix._fixed_point import _rewrite_fn as _optx_fixed_point_rewrite
 
 from .._misc import tree_cast, tree_cast_like, while_loop, ω
 
@@ -44,6 +45,37 @@ def split_inputs(inputs):
             f"{len(inputs)}. This version of optimistix is not supported by eqxdeq."
         )
     return inputs[INPUT_FN], inputs[INPUT_SOLVER], inputs[INPUT_ARGS]
+
+
+def is_fixed_point_rewrite(rewrite_fn) -> bool:
+    """Whether optimistix handed the adjoint its fixed-point rewrite `f(y) - y`.
+
+    That is the case exactly for `optx.fixed_point` with a fixed-point solver. A root
+    find (including `optx.fixed_point` with a root finder, minimiser or least-squares
+    solver, which optimistix turns into a root find of `f(y) - y` by wrapping `fn`),
+    a minimisation and a least-squares solve hand over other rewrites, and `fn` in
+    `inputs` is then not the fixed-point map.
+    """
+    return rewrite_fn is _optx_fixed_point_rewrite or (
+        getattr(rewrite_fn, "__wrapped__", None) is _optx_fixed_point_rewrite
+    )
+
+
+def require_fixed_point_rewrite(rewrite_fn, adjoint: str) -> None:
+    """Refuse, at trace time, an adjoint that approximates `(I - ∂f/∂y)⁻¹` (and so
+    needs the fixed-point map `f`) anywhere but a fixed-point solve."""
+    if not is_fixed_point_rewrite(rewrite_fn):
+        raise ValueError(
+            f"`{adjoint}` approximates $(I - ∂f/∂y)^{{-1}}$ for a fixed point "
+            "`y = f(y)`, so it can only be used with `optimistix.fixed_point` and a "
+            "fixed-point solver (such as `eqxdeq.Anderson`). It was given another "
+            "problem: `optimistix.root_find`, `optimistix.minimise`, "
+            "`optimistix.least_squares`, or `optimistix.fixed_point` with a root "
+            "finder, minimiser or least-squares solver (which optimistix turns into a "
+            "root find). Use `eqxdeq.ImplicitAdjoint()` or "
+            "`optimistix.ImplicitAdjoint()` there, or an eqxdeq fixed-point solver "
+            "(e.g. `eqxdeq.NewtonKrylov` in place of `optimistix.Newton`)."
+        )
 
 
 def lax_while(inputs):
@@ -121,13 +153,18 @@ def implicit_apply(
     linear_solver: lx.AbstractLinearSolver,
     *,
     precondition: bool,
+    rewrite_fn=None,
 ):
     """Run the primal loop, with tangents from the implicit function theorem.
 
     The tangent of the returned fixed point is `A⁻¹ (∂f/∂θ · t)` where `A⁻¹` is
     applied by `linear_solver` to `A = I - ∂f/∂y` (or to `P A` if `precondition`).
+    If `rewrite_fn` is given (any optimistix rewrite `r(y) = 0` at the solution, e.g.
+    a root find's `g(y)`), `A = ∂r/∂y` with optimistix's `tags` instead.
     """
-    if precondition:
+    if rewrite_fn is not None:
+        rewrite = rewrite_fn
+    elif precondition:
         rewrite, tags = _preconditioned_rewrite, frozenset()
     else:
         rewrite, tags = _rewrite, _flip_tags(tags)

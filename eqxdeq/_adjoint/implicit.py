@@ -3,7 +3,7 @@ import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 
-from ._core import implicit_apply, INPUT_Y0
+from ._core import implicit_apply, INPUT_Y0, is_fixed_point_rewrite
 
 
 def default_linear_solver(dtype) -> lx.AbstractLinearSolver:
@@ -50,7 +50,6 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
     linear_solver: lx.AbstractLinearSolver | None = None
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
-        del rewrite_fn
         linear_solver = self.linear_solver
         if linear_solver is None:
             # Tolerances for the least precise leaf: f (and so the operator) is
@@ -64,6 +63,8 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
             tags,
             linear_solver,
             precondition=False,
+            # Root finds, minimisations, least squares: optimistix's own rewrite.
+            rewrite_fn=None if is_fixed_point_rewrite(rewrite_fn) else rewrite_fn,
         )
 
 

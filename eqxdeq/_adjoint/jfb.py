@@ -1,7 +1,7 @@
 import optimistix as optx
 
 from .._linear_solver import Neumann
-from ._core import implicit_apply
+from ._core import implicit_apply, require_fixed_point_rewrite
 
 
 class JFB(optx.AbstractAdjoint):
@@ -29,7 +29,7 @@ class JFB(optx.AbstractAdjoint):
     """
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
-        del rewrite_fn
+        require_fixed_point_rewrite(rewrite_fn, "eqxdeq.JFB")
         return implicit_apply(
             primal_fn, inputs, tags, Neumann(steps=0), precondition=False
         )

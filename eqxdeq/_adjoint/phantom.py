@@ -6,7 +6,13 @@ import optimistix as optx
 
 from .._linear_solver import Neumann
 from .._misc import is_python_number
-from ._core import implicit_apply, lax_while, split_inputs, stop_gradient_inputs
+from ._core import (
+    implicit_apply,
+    lax_while,
+    require_fixed_point_rewrite,
+    split_inputs,
+    stop_gradient_inputs,
+)
 
 
 class PhantomAdjoint(optx.AbstractAdjoint):
@@ -61,7 +67,7 @@ class PhantomAdjoint(optx.AbstractAdjoint):
             raise ValueError("`PhantomAdjoint(steps=...)` must be >= 1 to unroll.")
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
-        del rewrite_fn
+        require_fixed_point_rewrite(rewrite_fn, "eqxdeq.PhantomAdjoint")
         if self.mode == "neumann":
             solver = Neumann(steps=self.steps, damping=self.damping)
             return implicit_apply(primal_fn, inputs, tags, solver, precondition=False)

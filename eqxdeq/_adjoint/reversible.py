@@ -7,7 +7,14 @@ import optimistix as optx
 
 from .._misc import tree_allfinite, ω
 from .._solver.reversible import check_checkpoints, Reversible, unrelax, weights
-from ._core import INPUT_Y0, lax_while, NUM_INPUTS, RESIDUAL_STATE, split_inputs
+from ._core import (
+    INPUT_Y0,
+    lax_while,
+    NUM_INPUTS,
+    require_fixed_point_rewrite,
+    RESIDUAL_STATE,
+    split_inputs,
+)
 
 
 def _scale(beta, tree, *, keep: bool):
@@ -177,7 +184,8 @@ class ReversibleAdjoint(optx.AbstractAdjoint):
         check_checkpoints(self.checkpoints, "ReversibleAdjoint")
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
-        del rewrite_fn, tags
+        require_fixed_point_rewrite(rewrite_fn, "eqxdeq.ReversibleAdjoint")
+        del tags
         fn, solver, args = split_inputs(inputs)
         if not isinstance(solver, Reversible):
             raise ValueError(

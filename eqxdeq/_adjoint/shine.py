@@ -2,7 +2,12 @@ import lineax as lx
 import optimistix as optx
 
 from .._linear_solver import Neumann
-from ._core import has_inverse_jacobian, implicit_apply, split_inputs
+from ._core import (
+    has_inverse_jacobian,
+    implicit_apply,
+    require_fixed_point_rewrite,
+    split_inputs,
+)
 
 
 class ShineAdjoint(optx.AbstractAdjoint):
@@ -60,7 +65,7 @@ class ShineAdjoint(optx.AbstractAdjoint):
     linear_solver: lx.AbstractLinearSolver = Neumann(steps=0)
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
-        del rewrite_fn
+        require_fixed_point_rewrite(rewrite_fn, "eqxdeq.ShineAdjoint")
         _, solver, _ = split_inputs(inputs)
         return implicit_apply(
             primal_fn,
