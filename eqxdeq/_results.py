@@ -3,7 +3,15 @@ import optimistix as optx
 
 class RESULTS(optx.RESULTS):  # pyright: ignore
     """The outcomes of an eqxdeq solve: every [`optimistix.RESULTS`][] member, plus
-    the reasons for which eqxdeq's "safe" termination stops a solve early.
+    the reasons for which eqxdeq's "safe" termination ([`eqxdeq.Termination`][])
+    stops a solve early:
+
+    - `RESULTS.diverged`: the residual `|f(y) - y|` grew past
+        `Termination(divergence_factor=...)` times its initial value, or became
+        non-finite.
+    - `RESULTS.stalled`: the best residual did not fall by a factor
+        `1 - Termination(stall_tol=...)` within `Termination(stall_patience=...)`
+        steps.
 
     `optx.fixed_point` reports `sol.result` as an `optimistix.RESULTS` (its loop cannot
     carry a subclass), where `diverged` and `stalled` both appear as

@@ -25,9 +25,9 @@ class Termination(eqx.Module):
     "Safe" termination (as NonlinearSolve.jl's) also stops a solve that cannot succeed:
 
     - divergence: the residual becomes non-finite, or exceeds `divergence_factor`
-        times the residual at `y0` → [`eqxdeq.RESULTS.diverged`][];
+        times the residual at `y0` → [`eqxdeq.RESULTS.diverged`][eqxdeq.RESULTS];
     - stall: the best residual seen fails to drop by a factor `1 - stall_tol` within
-        `stall_patience` consecutive steps → [`eqxdeq.RESULTS.stalled`][].
+        `stall_patience` consecutive steps → [`eqxdeq.RESULTS.stalled`][eqxdeq.RESULTS].
 
     Both return the best iterate seen so far when the solver has `return_best=True`.
     """

@@ -202,7 +202,8 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
     [`eqxdeq.AbstractDescentSearchSolver`][]), with `num_accepted_steps` the accepted
     ODE steps and `residual_history` the residual at $y_0$ and after each step. A
     candidate step that is accepted but not finite (a constant step size on an
-    unstable ODE) is not taken: the solve stops with [`eqxdeq.RESULTS.diverged`][].
+    unstable ODE) is not taken: the solve stops with
+    [`eqxdeq.RESULTS.diverged`][eqxdeq.RESULTS].
     """  # noqa: E501
 
     rtol: float
