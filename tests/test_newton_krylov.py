@@ -208,6 +208,27 @@ def test_jit_vmap_grad_jvp():
     np.testing.assert_allclose(batched[0], solve(args), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("options", [{}, _LINE_SEARCH], ids=["ptc", "line_search"])
+def test_backprop_through_iterations_from_the_fixed_point(options):
+    """`y0` already the fixed point: the pseudo-time step's 0/0 must not turn into a
+    NaN gradient under backpropagation through the iterations (found by running
+    optimistix-style problems)."""
+
+    def fn(y, a):
+        return a * jnp.tanh(y)
+
+    solver = eqxdeq.NewtonKrylov(1e-8, 1e-8, **options)
+
+    def loss(a):
+        sol = optx.fixed_point(
+            fn, solver, jnp.zeros(3), a, adjoint=optx.RecursiveCheckpointAdjoint()
+        )
+        return jnp.sum(sol.value + a * sol.value)
+
+    value, grad = jax.value_and_grad(loss)(jnp.array(0.5))
+    assert value == 0 and grad == 0  # y* = 0 for every a with |a| < 1
+
+
 @pytest.mark.parametrize(
     "make, name",
     [

@@ -81,3 +81,12 @@ class PhantomAdjoint(optx.AbstractAdjoint):
                 lambda a, b: (1 - tau) * a + tau * b if tau != 1 else b, y, f_val
             )
         return y, residual
+
+
+PhantomAdjoint.__init__.__doc__ = r"""**Arguments:**
+
+- `steps`: the number $k$ of Neumann terms (`mode="neumann"`, $k \ge 0$) or of
+    unrolled damped steps (`mode="unroll"`). Default 5.
+- `damping`: the damping $\tau \in (0, 1]$. Default 1.
+- `mode`: `"neumann"` (the default) or `"unroll"`; see above.
+"""

@@ -255,8 +255,14 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         dt0 = jnp.asarray(
             jnp.inf if self.pseudo_time_step is None else self.pseudo_time_step, dtype
         )
-        dt = dt0 * reference / g_norm
-        shift = 1 / dt
+        # shift = 1/dt_k = ‖g_k‖ / (dt_0 ‖g_0‖); 0 (a Newton step) when the
+        # residual is already 0, where the ratio would be 0/0. Like the Krylov
+        # tolerances, the step schedule is not differentiated: its derivative
+        # involves d‖g‖/dg = g/‖g‖, NaN at an exact fixed point (e.g. when `y0` is
+        # one), under backpropagation through the iterations.
+        safe_reference = jnp.where(reference > 0, reference, 1)
+        ratio = jnp.where(reference > 0, g_norm / safe_reference, 0)
+        shift = lax.stop_gradient(ratio / dt0)
         # (∂g/∂y - I/dt) d = -g, i.e. ((1 + 1/dt) I - ∂f/∂y) d = g. The Krylov
         # solve runs with every leaf in `dtype` (at least float32, the widest of the
         # leaves): lineax's solvers need one dtype across the pytree, and a Krylov
