@@ -1,4 +1,4 @@
-from . import regularization as regularization
+from . import nn as nn, regularization as regularization
 from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     JFB as JFB,

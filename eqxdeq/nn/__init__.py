@@ -1,3 +1,4 @@
+from ._deq import DEQ as DEQ, DEQStats as DEQStats
 from ._dropout import (
     AbstractVariationalDropout as AbstractVariationalDropout,
     VariationalDropout as VariationalDropout,
@@ -7,6 +8,14 @@ from ._dropout import (
     VariationalDropToken1d as VariationalDropToken1d,
     VariationalDropToken2d as VariationalDropToken2d,
     VariationalDropToken3d as VariationalDropToken3d,
+)
+from ._init import (
+    AbstractInit as AbstractInit,
+    half_normal_like as half_normal_like,
+    HalfNormal as HalfNormal,
+    Predictor as Predictor,
+    Zeros as Zeros,
+    zeros_like as zeros_like,
 )
 from ._norm import (
     apply_norm as apply_norm,

@@ -1,0 +1,135 @@
+"""Initial states of a DEQ solve: PyTree helpers and the policies `DEQ` takes."""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+
+def _leaf_like(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
+
+
+def zeros_like(tree: PyTree) -> PyTree[Array]:
+    """A pytree of zeros with the structure, shapes and dtypes of `tree`.
+
+    **Arguments:**
+
+    - `tree`: a pytree of arrays or `jax.ShapeDtypeStruct`s.
+
+    **Returns:**
+
+    The same pytree with every leaf replaced by zeros.
+    """
+    return jtu.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), _struct(tree))
+
+
+def half_normal_like(key: PRNGKeyArray, tree: PyTree, scale: float = 1.0):
+    r"""A pytree of half-normal samples $|\varepsilon|$, $\varepsilon \sim
+    \mathcal{N}(0, \texttt{scale}^2)$, with the structure of `tree` (torchdeq's
+    `mixed_init`, banax's `half_normal_like`). Non-negative initial states suit cells
+    whose state is a post-activation of a ReLU-like nonlinearity.
+
+    **Arguments:**
+
+    - `key`: a JAX PRNG key; each leaf gets its own sub-key.
+    - `tree`: a pytree of inexact arrays or `jax.ShapeDtypeStruct`s.
+    - `scale`: the standard deviation of the underlying normal.
+
+    **Returns:**
+
+    The same pytree with every leaf replaced by half-normal samples of its dtype.
+    """
+    structs, treedef = jtu.tree_flatten(_struct(tree))
+    keys = jr.split(key, max(len(structs), 1))
+    leaves = [
+        (scale * jnp.abs(jr.normal(k, s.shape, jnp.float32))).astype(s.dtype)
+        for k, s in zip(keys, structs)
+    ]
+    return jtu.tree_unflatten(treedef, leaves)
+
+
+def _struct(tree):
+    return jtu.tree_map(_leaf_like, tree)
+
+
+class AbstractInit(eqx.Module):
+    """How a [`eqxdeq.nn.DEQ`][] picks its initial state $z_0$ from the input.
+
+    Subclasses implement `__call__(x, struct, *, key) -> z0` where `struct` is the
+    state's structure (a pytree of `jax.ShapeDtypeStruct`s).
+    """
+
+    @abc.abstractmethod
+    def __call__(self, x, struct, *, key: PRNGKeyArray | None) -> PyTree[Array]:
+        """The initial state for input `x`."""
+
+
+class Zeros(AbstractInit):
+    """$z_0 = 0$: the default, and what optimistix's examples use."""
+
+    def __call__(self, x, struct, *, key=None):
+        del x, key
+        return zeros_like(struct)
+
+
+class HalfNormal(AbstractInit):
+    r"""$z_0 = |\varepsilon|$, $\varepsilon \sim \mathcal{N}(0, \texttt{scale}^2)$
+    ([`eqxdeq.nn.half_normal_like`][]); needs a key at every call."""
+
+    scale: float = 1.0
+
+    def __call__(self, x, struct, *, key=None):
+        del x
+        if key is None:
+            raise ValueError(
+                "`eqxdeq.nn.HalfNormal()` draws a random initial state, so the DEQ "
+                "must be called with `key=...`."
+            )
+        return half_normal_like(key, struct, self.scale)
+
+
+HalfNormal.__init__.__doc__ = """**Arguments:**
+
+- `scale`: the standard deviation of the underlying normal distribution.
+"""
+
+
+class Predictor(AbstractInit):
+    r"""A learned explicit initial state $z_0 = g(x)$ (**SkipDEQ**, Pal et al. 2022,
+    from DeepEquilibriumNetworks.jl): a cheap network predicts the fixed point and the
+    solver only refines it.
+
+    Trained with the DEQ: the solve's implicit gradient does not reach $g$ (the fixed
+    point does not depend on where the solve starts), so train $g$ with the
+    regularising loss $\lVert g(x) - \operatorname{sg}(z^\star)\rVert^2 / n$ that
+    [`eqxdeq.nn.DEQStats`][]`.init_loss` carries (add `stats.init_loss` times a weight
+    to the training loss).
+    """
+
+    predictor: Callable
+
+    def __call__(self, x, struct, *, key=None):
+        del key
+        z0 = self.predictor(x)
+        if eqx.tree_equal(jax.eval_shape(lambda: z0), struct) is not True:
+            raise ValueError(
+                "`eqxdeq.nn.Predictor(predictor)`: `predictor(x)` must return the "
+                f"DEQ's state structure {struct}, but returned "
+                f"{jax.eval_shape(lambda: z0)}."
+            )
+        return z0
+
+
+Predictor.__init__.__doc__ = """**Arguments:**
+
+- `predictor`: a callable (usually an equinox module) mapping the DEQ's input `x` to a
+    state of the DEQ's state structure.
+"""
