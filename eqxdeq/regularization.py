@@ -698,3 +698,66 @@ def denoising_energy(
     if normalise:
         estimate = estimate / _size(z)
     return estimate
+
+
+#
+# Fixed-point correction
+#
+
+
+def fixed_point_correction(
+    losses: PyTree[Float[Array, ""]],
+    weights: Literal["const", "linear", "exp"] | PyTree[ScalarLike] = "exp",
+    *,
+    gamma: float = 0.8,
+) -> Float[Array, ""]:
+    r"""The fixed-point-correction loss (Bai et al. 2022; torchdeq's
+    `fp_correction`): a weighted sum $\sum_i w_i \ell_i$ of the losses $\ell_i$ of the
+    states sampled along a solve by [`eqxdeq.nn.DEQ.trajectory`][], the last one the
+    loss at $z^\star$.
+
+    The intermediate states carry phantom (or JFB) gradients, so the correction
+    trains the cell to make early iterates useful too, which in turn makes the solve
+    converge in fewer steps.
+
+    **Arguments:**
+
+    - `losses`: a sequence of $n$ scalar losses, in the order of the states.
+    - `weights`: `"const"` ($w_i = 1$), `"linear"` ($w_i = (i + 1)/n$), `"exp"`
+        ($w_i = \gamma^{n - 1 - i}$, the default: the final state weighs most), or
+        explicit weights (a sequence of $n$ numbers).
+    - `gamma`: the decay of `"exp"`, in $(0, 1]$.
+
+    **Returns:**
+
+    The scalar $\sum_i w_i \ell_i$.
+    """
+    losses = list(losses)
+    n = len(losses)
+    if n == 0:
+        raise ValueError("`fixed_point_correction(losses=...)` must not be empty.")
+    if is_python_number(gamma) and not 0 < gamma <= 1:
+        raise ValueError("`fixed_point_correction(gamma=...)` must be in (0, 1].")
+    if isinstance(weights, str):
+        if weights == "const":
+            w = [1.0] * n
+        elif weights == "linear":
+            w = [(i + 1) / n for i in range(n)]
+        elif weights == "exp":
+            w = [gamma ** (n - 1 - i) for i in range(n)]
+        else:
+            raise ValueError(
+                "`fixed_point_correction(weights=...)` must be 'const', 'linear', "
+                f"'exp' or a sequence of numbers, got {weights!r}."
+            )
+    else:
+        w = list(weights)
+        if len(w) != n:
+            raise ValueError(
+                f"`fixed_point_correction(weights=...)` has {len(w)} weights for "
+                f"{n} losses."
+            )
+    total = losses[0] * jnp.asarray(w[0], jnp.result_type(losses[0]))
+    for wi, li in zip(w[1:], losses[1:]):
+        total = total + jnp.asarray(wi, jnp.result_type(li)) * li
+    return total
