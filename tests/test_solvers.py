@@ -44,6 +44,7 @@ STATS_KEYS = {
     "abs_residual",
     "rel_residual",
     "best_abs_residual",
+    "best_rel_residual",
     "result",
 }
 # Jacobian descents add their own counters.

@@ -112,6 +112,7 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
     | `num_accepted_steps` | steps the search accepted |
     | `abs_residual`, `rel_residual` | $\|f(y)-y\|_2$ and $\|f(y)-y\|_2/\|f(y)\|_2$ at the returned $y$ |
     | `best_abs_residual` | the smallest $\|f(y)-y\|_2$ seen at any evaluated point |
+    | `best_rel_residual` | $\|f(y)-y\|_2/\|f(y)\|_2$ at that point |
     | `residual_history` | $\|f(y)-y\|_2$ at each evaluation, NaN-padded (only if `history_length > 0`) |
     | `result` | the precise [`eqxdeq.RESULTS`][] (distinguishes divergence from a stall) |
     """  # noqa: E501
@@ -354,6 +355,7 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             "abs_residual": abs_residual,
             "rel_residual": rel_residual,
             "best_abs_residual": state.best_abs_residual,
+            "best_rel_residual": state.best_rel_residual,
             "result": detailed,
         }
         if state.residual_history is not None:

@@ -145,6 +145,7 @@ class _ReversibleState(eqx.Module, Generic[Y]):
     abs_residual: Scalar  # |f(y) - y|_2 at the current y
     rel_residual: Scalar  # |f(y) - y|_2 / |f(y)|_2 at the current y
     best_abs_residual: Scalar
+    best_rel_residual: Scalar  # the relative residual where `best_abs_residual` was
     residual_history: Array | None
 
 
@@ -242,6 +243,7 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
             abs_residual=inf,
             rel_residual=inf,
             best_abs_residual=inf,
+            best_rel_residual=inf,
             residual_history=history,
         )
 
@@ -256,6 +258,7 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
         abs_z = two_norm(g_z, dtype)
         abs_y = two_norm(g_y, dtype)
         rel_y = abs_y / two_norm(f_y, dtype)
+        rel_z = abs_z / two_norm(f_z, dtype)
         with jax.numpy_dtype_promotion("standard"):
             converged = self.termination.converged(
                 self.rtol, self.atol, self.norm, g_y, f_y
@@ -268,9 +271,12 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
             abs_z, initial_residual
         ) | self.termination.diverged(abs_y, initial_residual)
         best_abs_residual = state.best_abs_residual
-        for residual in (abs_z, abs_y):  # ignores NaNs, unlike `jnp.minimum`
+        best_rel_residual = state.best_rel_residual
+        # Ignores NaNs, unlike `jnp.minimum`.
+        for residual, rel in ((abs_z, rel_z), (abs_y, rel_y)):
             improved = residual < best_abs_residual
             best_abs_residual = jnp.where(improved, residual, best_abs_residual)
+            best_rel_residual = jnp.where(improved, rel, best_rel_residual)
         stall_reference, steps_since_progress, stalled = self.termination.stall(
             best_abs_residual, state.stall_reference, state.steps_since_progress
         )
@@ -300,6 +306,7 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
             abs_residual=abs_y,
             rel_residual=rel_y,
             best_abs_residual=best_abs_residual,
+            best_rel_residual=best_rel_residual,
             residual_history=history,
         )
         return new_y, new_state, aux
@@ -323,6 +330,7 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
             "abs_residual": state.abs_residual,
             "rel_residual": state.rel_residual,
             "best_abs_residual": state.best_abs_residual,
+            "best_rel_residual": state.best_rel_residual,
             "result": detailed,
         }
         if state.residual_history is not None:
