@@ -24,7 +24,7 @@ import optimistix as optx
 from jaxtyping import PyTree
 from optimistix._fixed_point import _rewrite_fn as _optx_fixed_point_rewrite
 
-from .._misc import tree_cast, tree_cast_like, while_loop, ω
+from .._misc import field_dtype, from_view, real_dtype, to_view, while_loop, ω
 
 
 # optimistix's `_iterate` takes
@@ -99,29 +99,33 @@ def _preconditioned_rewrite(root, residual, inputs):
     return solver.descent.inverse_jacobian_mv(descent_state, g)
 
 
-def tree_dtype(tree):
-    """The widest dtype of the leaves."""
+def solve_dtype(tree):
+    """The one dtype of the linear solve: the widest dtype of the leaves; complex
+    only if every floating leaf is (see `field_dtype`)."""
     with jax.numpy_dtype_promotion("standard"):
-        return jnp.result_type(*jtu.tree_leaves(tree))
+        widest = jnp.result_type(*jtu.tree_leaves(tree))
+    return field_dtype(tree, real_dtype(widest))
 
 
 # The linear solve sees the fixed point with every leaf in one dtype, the widest of
 # the leaves (lineax's solvers need one dtype across a pytree); `f` still runs in
-# the leaves' own dtypes. For a pytree of one dtype the casts are no-ops.
+# the leaves' own dtypes. For a pytree of one dtype the casts are no-ops. A pytree
+# that mixes real and complex leaves is solved on the real and imaginary parts of
+# its complex leaves (`to_view`), the real vector space it lives in.
 # `packed = (inputs, primal_fn, rewrite)`.
 
 
 def _uniform_primal(packed):
     inputs, primal_fn, _ = packed
     root, residual = primal_fn(inputs)
-    return tree_cast(root, tree_dtype(inputs[INPUT_Y0])), residual
+    return to_view(root, solve_dtype(inputs[INPUT_Y0])), residual
 
 
 def _uniform_rewrite(root, residual, packed):
     inputs, _, rewrite = packed
     y0 = inputs[INPUT_Y0]
-    out = rewrite(tree_cast_like(root, y0), residual, inputs)
-    return tree_cast(out, tree_dtype(y0))
+    out = rewrite(from_view(root, y0), residual, inputs)
+    return to_view(out, solve_dtype(y0))
 
 
 def has_inverse_jacobian(solver) -> bool:
@@ -172,7 +176,7 @@ def implicit_apply(
     root, residual = optx.internal.implicit_jvp(
         _uniform_primal, _uniform_rewrite, packed, tags, linear_solver
     )
-    return tree_cast_like(root, inputs[INPUT_Y0]), residual
+    return from_view(root, inputs[INPUT_Y0]), residual
 
 
 def stop_gradient_inputs(inputs):

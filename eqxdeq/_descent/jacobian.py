@@ -22,11 +22,13 @@ from jaxtyping import Array, Bool, Int, Scalar
 
 from .._custom_types import Y
 from .._misc import (
+    field_dtype,
+    from_view,
+    is_complex,
     max_norm,
     stats_dtype,
+    to_view,
     tree_allfinite,
-    tree_cast,
-    tree_cast_like,
     tree_scale,
     tree_where,
     two_norm,
@@ -123,10 +125,15 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
 
     The tolerance is imposed by setting the Krylov solver's `atol` to
     $\eta_k \|g\|_\infty$ (and `rtol` to $\eta_k$), so the linear residual is
-    measured in the max-norm, as lineax does. A Krylov solve that stops early (its
-    `max_steps`, stagnation) still returns a useful direction and is not an error;
-    it is counted in `sol.stats["num_inexact_solves"]`. A non-finite direction is
-    replaced by the residual (a Picard step), which the search then safeguards.
+    measured in the max-norm, as lineax does. For a complex state the Krylov solve
+    is complex, the norms and forcing terms are real (of $|g_i|$), and `rtol` is 0:
+    lineax's first convergence check on complex vectors tests the residual alone,
+    which would accept $d = 0$ for $\eta_k \ge 1/2$. A pytree mixing real and
+    complex leaves is solved on the real and imaginary parts. A Krylov solve that
+    stops early (its `max_steps`, stagnation) still returns a useful direction and
+    is not an error; it is counted in `sol.stats["num_inexact_solves"]`. A
+    non-finite direction is replaced by the residual (a Picard step), which the
+    search then safeguards.
 
     `sol.stats` gains `num_jvps` (Jacobian-vector products in the Krylov solves),
     `num_linear_steps` (the Krylov solver's own step count) and
@@ -241,7 +248,16 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         # eta.
         # (Tolerances are not differentiated: lineax rejects a solver with tangents,
         # e.g. under backpropagation through the iterations.)
-        tolerances = lax.stop_gradient((eta, eta * g_max))
+        solve_dtype = field_dtype(g, dtype)
+        if is_complex(solve_dtype):
+            # lineax's first convergence check on complex vectors sees the step
+            # placeholder inf divided by a complex scale, inf + nan·i, so it passes
+            # on the residual test alone; with rtol = eta that accepts d = 0 (r = -g)
+            # whenever eta >= 1/2, e.g. at the first step. With rtol = 0 the test is
+            # |r_i| <= eta ‖g‖∞, which d = 0 fails for every eta < 1.
+            tolerances = lax.stop_gradient((jnp.zeros_like(eta), eta * g_max))
+        else:
+            tolerances = lax.stop_gradient((eta, eta * g_max))
         solver = eqx.tree_at(lambda s: (s.rtol, s.atol), self.linear_solver, tolerances)
         # Switched evolution relaxation: the pseudo-time step grows as the residual
         # falls, dt_k = dt_0 ‖g_0‖ / ‖g_k‖, so the step moves from a damped Picard
@@ -264,25 +280,27 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
         ratio = jnp.where(reference > 0, g_norm / safe_reference, 0)
         shift = lax.stop_gradient(ratio / dt0)
         # (∂g/∂y - I/dt) d = -g, i.e. ((1 + 1/dt) I - ∂f/∂y) d = g. The Krylov
-        # solve runs with every leaf in `dtype` (at least float32, the widest of the
-        # leaves): lineax's solvers need one dtype across the pytree, and a Krylov
-        # solve in bfloat16 would stagnate at once. The Jacobian-vector products
-        # themselves run in the leaves' own dtypes.
+        # solve runs with every leaf in one dtype (at least float32, the widest of
+        # the leaves; complex for a complex state): lineax's solvers need one dtype
+        # across the pytree, and a Krylov solve in bfloat16 would stagnate at once.
+        # A pytree mixing real and complex leaves is solved on the real and
+        # imaginary parts (`to_view`). The Jacobian-vector products themselves run
+        # in the leaves' own dtypes.
         jac = f_info.jac
         like = jax.eval_shape(lambda: g)
 
         def matvec(v):
-            v = tree_cast_like(v, like)
+            v = from_view(v, like)
             out = jac.mv(v)
             if self.pseudo_time_step is not None:
                 out = (out**ω - tree_scale(shift, v) ** ω).ω
-            return tree_cast(out, dtype)
+            return to_view(out, solve_dtype)
 
-        neg_g = tree_cast((-(ω(g))).ω, dtype)
+        neg_g = to_view((-(ω(g))).ω, solve_dtype)
         operator = lx.FunctionLinearOperator(matvec, jax.eval_shape(lambda: neg_g))
         sol = lx.linear_solve(operator, neg_g, solver, throw=False)
         finite = tree_allfinite(sol.value)
-        direction = tree_where(finite, tree_cast_like(sol.value, like), g)
+        direction = tree_where(finite, from_view(sol.value, like), g)
         num_steps = sol.stats["num_steps"]
         return _NewtonKrylovState(
             first=jnp.array(False),
@@ -291,7 +309,7 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
             forcing_prev=eta,
             direction=direction,
             num_jvps=state.num_jvps
-            + krylov_matvecs(self.linear_solver, num_steps, _size(g)),
+            + krylov_matvecs(self.linear_solver, num_steps, _size(neg_g)),
             num_linear_steps=state.num_linear_steps + num_steps,
             num_inexact_solves=state.num_inexact_solves
             + (sol.result != lx.RESULTS.successful).astype(int),

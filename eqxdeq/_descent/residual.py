@@ -14,15 +14,18 @@ import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
-from jaxtyping import Array, Bool, Float, Int, Scalar
+from jaxtyping import Array, Bool, Inexact, Int, Scalar
 
 from .._custom_types import Y
 from .._misc import (
     batched_combine,
     batched_inner,
     buffer_set,
+    field_dtype,
     history_buffer,
+    is_complex,
     is_python_number,
+    real_dtype,
     stats_dtype,
     tree_allfinite,
     tree_inner,
@@ -74,7 +77,7 @@ class _AndersonDescentState(eqx.Module, Generic[Y]):
     g_norm_prev: Scalar
     dy: Y  # (memory, ...) differences of iterates
     dg: Y  # (memory, ...) differences of residuals
-    gram: Float[Array, "memory memory"]  # dg · dgᵀ, maintained one row per step
+    gram: Inexact[Array, "memory memory"]  # dgᴴ dg, maintained one row per step
     count: Int[Array, ""]  # number of valid history slots: slots [0, count)
     index: Int[Array, ""]  # the slot written next
     direction: Y
@@ -102,6 +105,11 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
     Safeguard: the history is cleared (a restart, i.e. one damped Picard step) when the
     residual grows by more than `restart_factor` over one step, or when the mixing
     coefficients are not finite.
+
+    For a complex state $\Delta G^\top$ is the conjugate transpose $\Delta G^H$:
+    the Gram matrix is Hermitian and the coefficients $\gamma$ complex. (A pytree
+    mixing real and complex leaves is a real vector space: there the Gram matrix is
+    $\operatorname{Re}(\Delta G^H \Delta G)$ and $\gamma$ is real.)
 
     ??? cite "References"
 
@@ -147,7 +155,7 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
             g_norm_prev=jnp.array(jnp.inf, dtype),
             dy=history_buffer(y, self.memory),
             dg=history_buffer(y, self.memory),
-            gram=jnp.zeros((self.memory, self.memory), dtype),
+            gram=jnp.zeros((self.memory, self.memory), field_dtype(y, dtype)),
             count=jnp.array(0),
             index=jnp.array(0),
             direction=zeros,
@@ -160,21 +168,23 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         m = self.memory
         g = f_info.residual
         dtype = stats_dtype(y)
+        inner_dtype = field_dtype(y, dtype)
         g_norm = two_norm(g, dtype)
         has_prev = jnp.invert(state.first)
 
-        # Push (Δy, Δg) into slot `index`, updating one row/column of the Gram matrix.
+        # Push (Δy, Δg) into slot `index`, updating one row/column of the Gram matrix
+        # G_ij = <Δg_i, Δg_j> (Hermitian for complex states: row = conj(column)).
         slot = state.index
         dy = buffer_set(state.dy, slot, (y**ω - state.y_prev**ω).ω, has_prev)
         dg_new = (g**ω - state.g_prev**ω).ω
         dg = buffer_set(state.dg, slot, dg_new, has_prev)
-        row = batched_inner(dg, dg_new, dtype)
-        gram = state.gram.at[slot, :].set(row).at[:, slot].set(row)
+        column = batched_inner(dg, dg_new, inner_dtype)
+        gram = state.gram.at[slot, :].set(jnp.conj(column)).at[:, slot].set(column)
         gram = jnp.where(has_prev, gram, state.gram)
         count = jnp.where(has_prev, jnp.minimum(state.count + 1, m), state.count)
         index = jnp.where(has_prev, (state.index + 1) % m, state.index)
 
-        gamma = self._coefficients(gram, dg, count, g, dtype)
+        gamma = self._coefficients(gram, dg, count, g, inner_dtype)
 
         restart = jnp.invert(jnp.all(jnp.isfinite(gamma)))
         if self.restart_factor is not None:
@@ -201,14 +211,20 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         )
 
     def _coefficients(self, gram, dg, count, x, dtype):
-        """`γ = (ΔGᵀΔG + λI)⁻¹ ΔGᵀ x` over the valid history slots."""
+        """`γ = (ΔGᴴΔG + λI)⁻¹ ΔGᴴ x` over the valid history slots, in `dtype` (the
+        `field_dtype`: complex for a complex state)."""
+        real = real_dtype(dtype)
         mask = jnp.arange(self.memory) < count
         masked_gram = jnp.where(mask[:, None] & mask[None, :], gram, 0)
         rhs = jnp.where(mask, batched_inner(dg, x, dtype), 0)
-        scale = jnp.trace(masked_gram) / jnp.maximum(count, 1).astype(dtype)
-        ridge = self.regularisation * scale + jnp.finfo(dtype).tiny
-        matrix = masked_gram + jnp.diag(jnp.where(mask, ridge, 1))
-        return jnp.linalg.solve(matrix, rhs)
+        # (The diagonal of a Hermitian matrix is real.)
+        trace = jnp.real(jnp.trace(masked_gram))
+        scale = trace / jnp.maximum(count, 1).astype(real)
+        ridge = self.regularisation * scale + jnp.finfo(real).tiny
+        diagonal = jnp.diag(jnp.where(mask, ridge, 1))
+        if is_complex(dtype):
+            diagonal = diagonal.astype(dtype)
+        return jnp.linalg.solve(masked_gram + diagonal, rhs)
 
     def inverse_jacobian_mv(self, state: _AndersonDescentState, x: Y) -> Y:
         r"""`H x` for the multisecant estimate $H \approx (\partial g/\partial y)^{-1}$
@@ -217,7 +233,9 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         (\Delta G^\top \Delta G + \lambda I)^{-1} \Delta G^\top$.
         """
         dtype = stats_dtype(x)
-        gamma = self._coefficients(state.gram, state.dg, state.count, x, dtype)
+        gamma = self._coefficients(
+            state.gram, state.dg, state.count, x, state.gram.dtype
+        )
         beta = jnp.asarray(self.relaxation, dtype)
         mixed_x = (batched_combine(gamma, state.dg) ** ω - x**ω).ω
         return (
@@ -252,7 +270,8 @@ class _BroydenDescentState(eqx.Module, Generic[Y]):
 
 
 def _inv_jac_mv(u, v, count, x, dtype):
-    """`H x` for `H = -I + Σ_{i < count} u_i v_iᵀ`."""
+    """`H x` for `H = -I + Σ_{i < count} u_i v_iᴴ`, with the inner products
+    `v_iᴴ x` in `dtype` (a `field_dtype`)."""
     mask = jnp.arange(jtu.tree_leaves(u)[0].shape[0]) < count
     coeffs = jnp.where(mask, batched_inner(v, x, dtype), 0)
     return (batched_combine(coeffs, u) ** ω - x**ω).ω
@@ -274,6 +293,11 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
     the estimate is reset to $-I$ before the update; an update whose denominator is
     tiny relative to $\|\Delta y\|\|H\Delta g\|$ (ill-conditioned) or non-finite is
     skipped; a non-finite direction resets the estimate and falls back to Picard.
+
+    For a complex state every transpose is the conjugate transpose: $H = -I + \sum_i
+    u_i v_i^H$, $v = H^H \Delta y$ and the denominator is $\Delta y^H H \Delta g$.
+    (For a pytree mixing real and complex leaves the inner product is the real one,
+    $\operatorname{Re}\langle x, y\rangle$.)
 
     The factors $u_i, v_i$ in the final state are what
     [`eqxdeq.ShineAdjoint`][] reuses as an inverse-Jacobian estimate.
@@ -324,29 +348,35 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
 
     def inverse_jacobian_mv(self, state: _BroydenDescentState, x: Y) -> Y:
         """`H x`, for the current estimate `H` of the inverse Jacobian of `f(y) - y`."""
-        return _inv_jac_mv(state.u, state.v, state.count, x, stats_dtype(x))
+        dtype = field_dtype(x, stats_dtype(x))
+        return _inv_jac_mv(state.u, state.v, state.count, x, dtype)
 
     def inverse_jacobian_rmv(self, state: _BroydenDescentState, x: Y) -> Y:
-        """`Hᵀ x`, for the current estimate `H` of the inverse Jacobian."""
-        return _inv_jac_mv(state.v, state.u, state.count, x, stats_dtype(x))
+        """`Hᴴ x` (`Hᵀ x` for a real state), for the current estimate `H` of the
+        inverse Jacobian."""
+        dtype = field_dtype(x, stats_dtype(x))
+        return _inv_jac_mv(state.v, state.u, state.count, x, dtype)
 
     def query(
         self, y: Y, f_info: _Residual, state: _BroydenDescentState
     ) -> _BroydenDescentState:
         # Two products with the low-rank factors per step (`H g` and `Hᵀ Δy`): the
         # third one, `H Δg`, is `H g - H g_prev`, and `H g_prev` is remembered.
+        # For a complex state the inner products conjugate their first argument:
+        # `denom = Δyᴴ H Δg`, `v = Hᴴ Δy` and the update adds `u vᴴ` to H.
         g = f_info.residual
         dtype = stats_dtype(y)
+        inner_dtype = field_dtype(y, dtype)
         has_prev = jnp.invert(state.first)
         dy = (y**ω - state.y_prev**ω).ω
 
         full = state.count >= self.memory  # reset to H = -I before updating
         count = jnp.where(full, 0, state.count)
-        h_g = _inv_jac_mv(state.u, state.v, count, g, dtype)
+        h_g = _inv_jac_mv(state.u, state.v, count, g, inner_dtype)
         h_g_prev = tree_where(full, (-(state.g_prev**ω)).ω, state.h_g)
         h_dg = (h_g**ω - h_g_prev**ω).ω
-        ht_dy = _inv_jac_mv(state.v, state.u, count, dy, dtype)
-        denom = tree_inner(dy, h_dg, dtype)
+        ht_dy = _inv_jac_mv(state.v, state.u, count, dy, inner_dtype)
+        denom = tree_inner(dy, h_dg, inner_dtype)
         size = two_norm(dy, dtype) * two_norm(h_dg, dtype)
         ok = (
             has_prev
@@ -360,8 +390,8 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
         u = buffer_set(state.u, count, u_new, ok)
         v = buffer_set(state.v, count, ht_dy, ok)
         count = jnp.where(has_prev, count + ok.astype(int), state.count)
-        # H_new g = H g + u_new (v_newᵀ g)
-        coeff = jnp.where(ok, tree_inner(ht_dy, g, dtype), 0)
+        # H_new g = H g + u_new (v_newᴴ g)
+        coeff = jnp.where(ok, tree_inner(ht_dy, g, inner_dtype), 0)
         h_g = (h_g**ω + tree_scale(coeff, u_new) ** ω).ω
 
         bad = jnp.invert(tree_allfinite(h_g))  # reset, and take a Picard step

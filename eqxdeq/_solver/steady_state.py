@@ -13,10 +13,12 @@ from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from .._custom_types import Aux, Y
 from .._misc import (
+    from_view,
     is_python_number,
+    merge_complex,
     stats_dtype,
+    to_view,
     tree_allfinite,
-    tree_cast,
     tree_where,
     tree_zeros_like_struct,
     two_norm,
@@ -44,11 +46,13 @@ def _same_leaves(a: PyTree, b: PyTree) -> bool:
 class _ResidualTerm(diffrax.AbstractTerm):
     r"""The vector field $\mathrm{d}z/\mathrm{d}t = f(z) - z$ of a fixed-point problem.
 
-    `z` is the iterate with every leaf cast to one floating dtype (that of the time),
-    so that diffrax's solvers see a uniform pytree; `f` is called with the dtypes of
-    the iterate, `like`. Called at `cache[0]` itself (the same traced arrays) it
-    returns `cache[1]`, the residual already known there, without evaluating `f`.
-    Every other call evaluates `f` once and is counted in `counter` (at trace time).
+    `z` is the iterate with every leaf cast to one real floating dtype (that of the
+    time), complex leaves split into their real and imaginary parts (`to_view`), so
+    that diffrax's solvers see a uniform, real pytree; `f` is called with the
+    structure and dtypes of the iterate, `like`. Called at `cache[0]` itself (the
+    same traced arrays) it returns `cache[1]`, the residual already known there,
+    without evaluating `f`. Every other call evaluates `f` once and is counted in
+    `counter` (at trace time).
     """
 
     fn: Callable
@@ -61,8 +65,9 @@ class _ResidualTerm(diffrax.AbstractTerm):
         if self.cache is not None and _same_leaves(y, self.cache[0]):
             return self.cache[1]
         self.counter.count += 1
-        f, _ = self.fn(_like(y, self.like), args)
-        return (_like(f, y) ** ω - y**ω).ω
+        f, _ = self.fn(from_view(y, self.like), args)
+        dtype = jtu.tree_leaves(y)[0].dtype
+        return (to_view(f, dtype) ** ω - y**ω).ω
 
     def contr(self, t0, t1, **kwargs):
         del kwargs
@@ -192,6 +197,10 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
     Implicit diffrax solvers (`Kvaerno5`, `ImplicitEuler`, …) are not supported: the
     number of evaluations of their inner nonlinear solves is not known.
 
+    A complex state is integrated as its real and imaginary parts, in real time:
+    diffrax sees real arrays only (its complex support is experimental), and for an
+    explicit solver, whose coefficients are real, that is the same arithmetic.
+
     Supports the following `options`:
 
     - `step_budget`: a (possibly traced) integer; the solve stops after this many ODE
@@ -299,16 +308,23 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del options, f_struct, tags
-        # The ODE is integrated, and the time kept, in one dtype for all leaves.
+        # The ODE is integrated, and the time kept, in one real dtype for all leaves
+        # (complex leaves as their real and imaginary parts: diffrax's complex
+        # support is experimental, and for explicit solvers, whose coefficients are
+        # real, the two are the same arithmetic).
         dtype = stats_dtype(y)
-        z = tree_cast(y, dtype)
+        z = to_view(y, dtype)
         f, _ = fn(y, args)
-        vf = (tree_cast(f, dtype) ** ω - z**ω).ω
+        vf = (to_view(f, dtype) ** ω - z**ω).ω
         abs_residual = two_norm(vf, dtype)
         rel_residual = abs_residual / two_norm(f, dtype)
         with jax.numpy_dtype_promotion("standard"):
             converged = self.termination.converged(
-                self.rtol, self.atol, self.norm, vf, (vf**ω + z**ω).ω
+                self.rtol,
+                self.atol,
+                self.norm,
+                merge_complex(vf, y),
+                merge_complex((vf**ω + z**ω).ω, y),
             )
         t0 = jnp.array(0.0, dtype)
         counter = _Counter()
@@ -364,7 +380,7 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
     def step(self, fn, y, args, options, state, tags):
         del options, tags
         dtype = stats_dtype(y)
-        z = tree_cast(y, dtype)
+        z = to_view(y, dtype)
         solver = self.solver
         counter = _Counter()
         if isinstance(solver, diffrax.AbstractRungeKutta):
@@ -388,14 +404,14 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
         z1, y_error, _, new_solver_state, solver_result = solver.step(
             term, state.t0, state.t1, z, args, solver_state, False
         )
-        y1 = _like(z1, y)
+        y1 = from_view(z1, y)
         if step_evals is None:
             step_evals = counter.count
         if fsal:
             if not (
                 isinstance(new_solver_state, tuple)
                 and len(new_solver_state) == 2
-                and jtu.tree_structure(new_solver_state[1]) == jtu.tree_structure(y)
+                and jtu.tree_structure(new_solver_state[1]) == jtu.tree_structure(z)
             ):
                 raise RuntimeError(
                     "eqxdeq relies on diffrax's FSAL Runge–Kutta state being "
@@ -405,7 +421,7 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
             new_solver_state = None
         else:
             f1, _ = fn(y1, args)
-            vf1 = (tree_cast(f1, dtype) ** ω - z1**ω).ω
+            vf1 = (to_view(f1, dtype) ** ω - z1**ω).ω
             step_evals += 1
         if y_error is not None:
             y_error = jtu.tree_map(
@@ -446,7 +462,11 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
         rel_residual = jnp.where(accept, rel_eval, state.rel_residual)
         with jax.numpy_dtype_promotion("standard"):
             converged = self.termination.converged(
-                self.rtol, self.atol, self.norm, vf1, f1
+                self.rtol,
+                self.atol,
+                self.norm,
+                merge_complex(vf1, y),
+                merge_complex(f1, y),
             )
         converged = accept & converged
 
