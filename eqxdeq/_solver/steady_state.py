@@ -551,6 +551,7 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
             "abs_residual": abs_residual,
             "rel_residual": rel_residual,
             "best_abs_residual": state.best_abs_residual,
+            "best_rel_residual": state.best_rel_residual,
             "result": detailed,
         }
         if state.residual_history is not None:
