@@ -22,3 +22,4 @@ from ._norm import (
     remove_norm as remove_norm,
     reset_norm as reset_norm,
 )
+from ._mdeq import MultiscaleCell as MultiscaleCell
