@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from .._adjoint import ImplicitAdjoint, PhantomAdjoint
 from .._results import RESULTS
 from ..regularization import jacobian_spectral_radius
-from ._init import _struct, AbstractInit, Predictor, Zeros
+from ._init import _cast_like, _matches, _struct, AbstractInit, Predictor, Zeros
 from ._norm import remove_norm, reset_norm
 
 
@@ -55,23 +55,26 @@ class DEQStats(eqx.Module):
     init_loss: Float[Array, ""]
 
     @property
-    def successful(self) -> Bool[Array, ""]:
-        """Whether the solve met its tolerance."""
+    def successful(self) -> Bool[Array, "*batch"]:
+        """Whether the solve met its tolerance (per sample under `jax.vmap`)."""
         return self.result == RESULTS.successful
 
 
-def _stats_from_solution(sol, init_loss, spectral_radius) -> DEQStats:
+def _stats_from_solution(sol, init_loss, spectral_radius, solver) -> DEQStats:
     stats = sol.stats
     nan = jnp.array(jnp.nan, init_loss.dtype)
     abs_residual = stats.get("abs_residual", nan)
     num_steps = stats["num_steps"]
     history = stats.get("residual_history")
-    if history is None:
+    result = stats.get("result", RESULTS.promote(sol.result))
+    # A converged solve, or a solver without `return_best`, returns its last iterate;
+    # an unconverged `return_best` solve the one of smallest residual.
+    if history is None or not getattr(solver, "return_best", True):
         nstep = num_steps
     else:
-        nstep = jnp.argmin(jnp.where(jnp.isnan(history), jnp.inf, history)) + 1
-        nstep = jnp.minimum(nstep, num_steps).astype(num_steps.dtype)
-    result = stats.get("result", RESULTS.promote(sol.result))
+        best = jnp.argmin(jnp.where(jnp.isnan(history), jnp.inf, history)) + 1
+        best = jnp.minimum(best, num_steps).astype(num_steps.dtype)
+        nstep = jnp.where(result == RESULTS.successful, num_steps, best)
     out = DEQStats(
         num_steps=num_steps,
         num_fn_evals=stats.get("num_fn_evals", num_steps),
@@ -89,6 +92,28 @@ def _stats_from_solution(sol, init_loss, spectral_radius) -> DEQStats:
     dynamic, static = eqx.partition(out, eqx.is_inexact_array)
     dynamic = eqx.tree_at(lambda s: s.init_loss, lax.stop_gradient(dynamic), init_loss)
     return eqx.combine(dynamic, static)
+
+
+def _untrainable(tree):
+    """`tree` with its concrete scalar floating arrays as Python scalars.
+
+    optimistix stores e.g. `LearningRate(learning_rate)` (in every eqxdeq solver) as a
+    weakly typed 0-d array: inside a `DEQ` it would count as a parameter for
+    `eqx.filter(model, eqx.is_inexact_array)`, so an optimiser would update the
+    solver (weight decay shrinks its step) and flip its weak type (a recompilation of
+    the training step). As a Python scalar it is a static setting of the solver.
+    """
+
+    def leaf(x):
+        if (
+            eqx.is_inexact_array(x)
+            and jnp.ndim(x) == 0
+            and not isinstance(x, jax.core.Tracer)
+        ):
+            return x.item()
+        return x
+
+    return jtu.tree_map(leaf, tree)
 
 
 def _mean_square(x, y):
@@ -137,11 +162,15 @@ class DEQ(eqx.Module):
 
     cell: Callable
     latent: Any
-    solver: optx.AbstractFixedPointSolver
-    adjoint: optx.AbstractAdjoint = ImplicitAdjoint()
+    solver: optx.AbstractFixedPointSolver = eqx.field(converter=_untrainable)
+    adjoint: optx.AbstractAdjoint = eqx.field(
+        default=ImplicitAdjoint(), converter=_untrainable
+    )
     init: AbstractInit = Zeros()
     max_steps: int = eqx.field(default=64, static=True)
-    inference_solver: optx.AbstractFixedPointSolver | None = None
+    inference_solver: optx.AbstractFixedPointSolver | None = eqx.field(
+        default=None, converter=_untrainable
+    )
     inference_max_steps: int | None = eqx.field(default=None, static=True)
     spectral_radius_iters: int = eqx.field(default=0, static=True)
     throw: bool = eqx.field(default=False, static=True)
@@ -181,6 +210,7 @@ class DEQ(eqx.Module):
                 raise ValueError(f"`DEQ({name}=...)` must be a positive int.")
         if (
             not isinstance(self.spectral_radius_iters, int)
+            or isinstance(self.spectral_radius_iters, bool)
             or self.spectral_radius_iters < 0
         ):
             raise ValueError("`DEQ(spectral_radius_iters=...)` must be an int >= 0.")
@@ -218,14 +248,16 @@ class DEQ(eqx.Module):
             init_key, solve_key = jr.split(key)
         if z0 is None:
             z0 = self.init(x, struct, key=init_key)
-        elif eqx.tree_equal(jax.eval_shape(lambda: z0), struct) is not True:
+        elif not _matches(z0, struct):
             raise ValueError(
                 f"`deq(x, z0=...)`: `z0` must have the DEQ's state structure {struct}, "
                 f"got {jax.eval_shape(lambda: z0)}."
             )
+        else:
+            z0 = _cast_like(z0, struct)
         return cell, state, z0, solve_key, inference
 
-    def _finish(self, sol, cell, x, z0, key, state):
+    def _finish(self, sol, cell, x, z0, key, state, solver):
         z_star = sol.value
         if isinstance(self.init, Predictor):
             init_loss = _mean_square(z0, lax.stop_gradient(z_star))
@@ -240,7 +272,7 @@ class DEQ(eqx.Module):
                 key=jr.PRNGKey(0) if key is None else jr.fold_in(key, 1),
                 num_iters=self.spectral_radius_iters,
             )
-        stats = _stats_from_solution(sol, init_loss, radius)
+        stats = _stats_from_solution(sol, init_loss, radius, solver)
         if state is None:
             return z_star, stats
         return z_star, stats, state
@@ -287,7 +319,7 @@ class DEQ(eqx.Module):
             adjoint=self.adjoint,
             throw=self.throw,
         )
-        return self._finish(sol, cell, x, z0, key, state)
+        return self._finish(sol, cell, x, z0, key, state, solver)
 
     def trajectory(
         self,
@@ -328,7 +360,8 @@ class DEQ(eqx.Module):
 
         `(states, stats)` (or `(states, stats, state)`), with `states` a tuple of
         `len(indexing) + 1` (or `n_states`) states, the last one $z^\star$, and `stats`
-        those of the last segment (`num_fn_evals` and `num_steps` counted over all).
+        those of the last segment (`num_fn_evals`, `num_steps` and `nstep` counted
+        over all).
         """
         cell, state, z0, key, inference = self._prepare(x, state, z0, key, inference)
         solver, max_steps = self._settings(inference)
@@ -358,12 +391,12 @@ class DEQ(eqx.Module):
             adjoint=self.adjoint,
             throw=self.throw,
         )
-        out = self._finish(sol, cell, x, z0, key, state)
+        out = self._finish(sol, cell, x, z0, key, state, solver)
         stats = out[1]
         stats = eqx.tree_at(
-            lambda s: (s.num_fn_evals, s.num_steps),
+            lambda s: (s.num_fn_evals, s.num_steps, s.nstep),
             stats,
-            (stats.num_fn_evals + evals, stats.num_steps + steps),
+            (stats.num_fn_evals + evals, stats.num_steps + steps, stats.nstep + steps),
         )
         states.append(out[0])
         return (tuple(states), stats) + out[2:]
@@ -377,7 +410,9 @@ DEQ.__init__.__doc__ = r"""**Arguments:**
     input's floating dtype) or a pytree of `jax.ShapeDtypeStruct`s (e.g. a tuple of
     resolutions for a multiscale DEQ).
 - `solver`: any [`optimistix.AbstractFixedPointSolver`][], e.g.
-    `eqxdeq.Anderson(rtol=1e-4, atol=1e-4)`.
+    `eqxdeq.Anderson(rtol=1e-4, atol=1e-4)`. Its scalar array fields (such as
+    optimistix's `LearningRate`) are stored as Python scalars, so that the solvers
+    and adjoint are not trainable parameters of the layer.
 - `adjoint`: any [`optimistix.AbstractAdjoint`][]; default
     [`eqxdeq.ImplicitAdjoint`][]`()`. [`eqxdeq.JFB`][] and
     [`eqxdeq.PhantomAdjoint`][] are cheaper, approximate alternatives.
@@ -397,7 +432,7 @@ DEQ.__init__.__doc__ = r"""**Arguments:**
 
 def _is_shape(latent) -> bool:
     return isinstance(latent, tuple) and all(
-        isinstance(d, int) and not isinstance(d, bool) for d in latent
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in latent
     )
 
 

@@ -60,6 +60,19 @@ def _struct(tree):
     return jtu.tree_map(_leaf_like, tree)
 
 
+def _matches(tree, struct) -> bool:
+    """Whether `tree` has the structure, shapes and dtypes of `struct` (ignoring weak
+    types: `jnp.full(shape, 0.5)` is a valid float64 state)."""
+    strip = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype)
+    got = jtu.tree_map(strip, jax.eval_shape(lambda: tree))
+    return eqx.tree_equal(got, jtu.tree_map(strip, struct)) is True
+
+
+def _cast_like(tree, struct):
+    """`tree` with the (strong) dtypes of `struct`, as `optx.fixed_point` needs."""
+    return jtu.tree_map(lambda a, s: jnp.asarray(a).astype(s.dtype), tree, struct)
+
+
 class AbstractInit(eqx.Module):
     """How a [`eqxdeq.nn.DEQ`][] picks its initial state $z_0$ from the input.
 
@@ -119,13 +132,13 @@ class Predictor(AbstractInit):
     def __call__(self, x, struct, *, key=None):
         del key
         z0 = self.predictor(x)
-        if eqx.tree_equal(jax.eval_shape(lambda: z0), struct) is not True:
+        if not _matches(z0, struct):
             raise ValueError(
                 "`eqxdeq.nn.Predictor(predictor)`: `predictor(x)` must return the "
                 f"DEQ's state structure {struct}, but returned "
                 f"{jax.eval_shape(lambda: z0)}."
             )
-        return z0
+        return _cast_like(z0, struct)
 
 
 Predictor.__init__.__doc__ = """**Arguments:**
