@@ -654,9 +654,11 @@ def test_half_normal(getkey):
         HalfNormal()(x, struct, key=None)
     z0 = HalfNormal(2.0)(x, struct, key=getkey())
     assert z0.shape == (1000,) and z0.dtype == jnp.float64
-    assert bool(jnp.all(z0 >= 0))
-    # E|ε| = σ √(2/π) ≈ 1.596 for σ = 2 (standard error ≈ 0.04).
-    assert abs(float(jnp.mean(z0)) - 2.0 * (2 / jnp.pi) ** 0.5) < 0.15
+    # About half zero (standard error 0.016), the rest N(0, σ²) with σ = 2.
+    zero = z0 == 0
+    assert abs(float(jnp.mean(zero)) - 0.5) < 0.07
+    assert abs(float(jnp.std(z0[~zero])) - 2.0) < 0.2
+    assert abs(float(jnp.mean(z0[~zero]))) < 0.3
     deq = _deq(cell, init=HalfNormal())
     with pytest.raises(ValueError, match="key="):
         deq(x)
@@ -743,7 +745,7 @@ def test_zeros_and_half_normal_like_pytree(getkey):
     for leaf, (shape, dtype) in zip(jtu.tree_leaves(samples), expected):
         assert leaf.shape == shape and leaf.dtype == dtype
         leaf = np.asarray(leaf)
-        assert np.all(leaf >= 0) and np.any(leaf > 0)
+        assert np.any(leaf == 0) and np.any(leaf != 0)
     # Each leaf gets its own key.
     c0, c1 = samples["c"]
     assert not np.array_equal(c0, c1)

@@ -32,28 +32,31 @@ def zeros_like(tree: PyTree) -> PyTree[Array]:
 
 
 def half_normal_like(key: PRNGKeyArray, tree: PyTree, scale: float = 1.0):
-    r"""A pytree of half-normal samples $|\varepsilon|$, $\varepsilon \sim
-    \mathcal{N}(0, \texttt{scale}^2)$, with the structure of `tree` (torchdeq's
-    `mixed_init`, banax's `half_normal_like`). Non-negative initial states suit cells
-    whose state is a post-activation of a ReLU-like nonlinearity.
+    r"""A random pytree with about half its entries zero and the rest i.i.d.
+    $\mathcal{N}(0, \texttt{scale}^2)$, with the structure of `tree`: torchdeq's
+    `mixed_init` (Anil et al. 2022, for path independence) and banax's
+    `half_normal_like`.
 
     **Arguments:**
 
     - `key`: a JAX PRNG key; each leaf gets its own sub-key.
     - `tree`: a pytree of inexact arrays or `jax.ShapeDtypeStruct`s.
-    - `scale`: the standard deviation of the underlying normal.
+    - `scale`: the standard deviation of the nonzero entries.
 
     **Returns:**
 
-    The same pytree with every leaf replaced by half-normal samples of its dtype.
+    The same pytree with every leaf replaced by such samples, in its dtype.
     """
     structs, treedef = jtu.tree_flatten(_struct(tree))
     keys = jr.split(key, max(len(structs), 1))
-    leaves = [
-        (scale * jnp.abs(jr.normal(k, s.shape, jnp.float32))).astype(s.dtype)
-        for k, s in zip(keys, structs)
-    ]
-    return jtu.tree_unflatten(treedef, leaves)
+
+    def sample(k, s):
+        mask_key, normal_key = jr.split(k)
+        keep = jr.bernoulli(mask_key, 0.5, s.shape)
+        value = scale * jr.normal(normal_key, s.shape, jnp.float32)
+        return jnp.where(keep, value, 0.0).astype(s.dtype)
+
+    return jtu.tree_unflatten(treedef, [sample(k, s) for k, s in zip(keys, structs)])
 
 
 def _struct(tree):
@@ -94,8 +97,9 @@ class Zeros(AbstractInit):
 
 
 class HalfNormal(AbstractInit):
-    r"""$z_0 = |\varepsilon|$, $\varepsilon \sim \mathcal{N}(0, \texttt{scale}^2)$
-    ([`eqxdeq.nn.half_normal_like`][]); needs a key at every call."""
+    r"""A random $z_0$ with about half its entries zero and the rest
+    $\mathcal{N}(0, \texttt{scale}^2)$ ([`eqxdeq.nn.half_normal_like`][]; torchdeq's
+    `mixed_init`); needs a key at every call."""
 
     scale: float = 1.0
 
