@@ -17,9 +17,9 @@ from ._init import (
     Zeros as Zeros,
     zeros_like as zeros_like,
 )
+from ._mdeq import MultiscaleCell as MultiscaleCell
 from ._norm import (
     apply_norm as apply_norm,
     remove_norm as remove_norm,
     reset_norm as reset_norm,
 )
-from ._mdeq import MultiscaleCell as MultiscaleCell
