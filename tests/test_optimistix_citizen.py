@@ -58,13 +58,15 @@ def _mlp_args(n=4):
 
 
 _A = jnp.array([0.5, 0.3])
+# The MLP problems run in the slow step (each case is one ~10 s compilation).
+_SLOW = pytest.mark.slow
 _FIXED = [
-    ("cos", _cos_fixed, jnp.zeros(2), _A),
-    ("mlp", _mlp_fixed, jnp.zeros(4), None),
+    pytest.param("cos", _cos_fixed, jnp.zeros(2), _A, id="cos"),
+    pytest.param("mlp", _mlp_fixed, jnp.zeros(4), None, id="mlp", marks=_SLOW),
 ]
 _ROOT = [
-    ("tanh_cubic", _tanh_cubic_root, jnp.zeros(2), _A),
-    ("mlp", _mlp_root, jnp.zeros(4), None),
+    pytest.param("tanh_cubic", _tanh_cubic_root, jnp.zeros(2), _A, id="tanh_cubic"),
+    pytest.param("mlp", _mlp_root, jnp.zeros(4), None, id="mlp", marks=_SLOW),
 ]
 
 
@@ -116,9 +118,9 @@ _ROOT_FINDERS = {
 
 @pytest.mark.parametrize("adjoint", _ADJOINTS)
 @pytest.mark.parametrize("solver", list(_ROOT_FINDERS))
-@pytest.mark.parametrize("problem", _ROOT, ids=[p[0] for p in _ROOT])
-def test_root_find_matches_optimistix(adjoint, solver, problem):
-    _, fn, y0, args = problem
+@pytest.mark.parametrize("name, fn, y0, args", _ROOT)
+def test_root_find_matches_optimistix(adjoint, solver, name, fn, y0, args):
+    del name
     args = _resolve(args)
 
     def solve_with(adj):
@@ -156,9 +158,9 @@ _FIXED_POINT_SOLVERS = {
 
 @pytest.mark.parametrize("adjoint", _ADJOINTS)
 @pytest.mark.parametrize("solver", list(_FIXED_POINT_SOLVERS))
-@pytest.mark.parametrize("problem", _FIXED, ids=[p[0] for p in _FIXED])
-def test_fixed_point_matches_optimistix(adjoint, solver, problem):
-    _, fn, y0, args = problem
+@pytest.mark.parametrize("name, fn, y0, args", _FIXED)
+def test_fixed_point_matches_optimistix(adjoint, solver, name, fn, y0, args):
+    del name
     args = _resolve(args)
 
     def solve_with(adj):

@@ -128,6 +128,7 @@ def test_frobenius_unbiased(getkey, probe, estimator):
     assert abs(var - exact_var) < SE * var_se, (var, exact_var, var_se)
 
 
+@pytest.mark.slow
 def test_frobenius_num_samples(getkey):
     w, b, z = tanh_params(getkey())
     fn = tanh_map(w, b)
@@ -338,6 +339,7 @@ def test_spectral_radius_nonlinear(getkey):
         assert relative_error(estimate, moduli[0]) < 1e-3
 
 
+@pytest.mark.slow
 def test_spectral_radius_complex_pair():
     # A dominant complex pair: the vector does not converge, but the estimate stays a
     # lower bound of ‖J‖₂ (and equals |λ₁| when J is normal, as for this rotation).
@@ -474,6 +476,7 @@ def test_denoising_energy_traced_sigma(getkey):
 #
 
 
+@pytest.mark.slow
 def test_pytree_state(getkey):
     # (This key gives a clear, real dominant eigenvalue; checked below.)
     fn, z = pytree_problem(jr.PRNGKey(1))
@@ -515,6 +518,7 @@ def test_pytree_state(getkey):
     )
 
 
+@pytest.mark.slow
 def test_mixed_dtype_pytree(getkey):
     w = 0.5 * jr.normal(getkey(), (3, 3), jnp.float64)
 
@@ -569,6 +573,7 @@ def test_jit(getkey):
         assert jnp.allclose(e, j, rtol=1e-12) and jnp.allclose(e, f, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_vmap_over_batch(getkey):
     batch = 5
     w, b, _ = tanh_params(getkey())
