@@ -23,28 +23,60 @@ Usage: python benchmarks/bench_nonconvex.py [--n 256] [--batch 32] [--norm 1.3]
 
 import argparse
 import statistics
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 import optimistix as optx
-from _common import (
-    environment,
-    fmt_ratio,
-    fmt_time,
-    make_tanh_problem,
-    markdown_table,
-    ProblemSpec,
-    time_fn_all,
-)
+
+
+if __package__:  # imported as `benchmarks.bench_nonconvex` (`python -m benchmarks`)
+    from ._common import (
+        environment,
+        fmt_ratio,
+        fmt_time,
+        make_tanh_problem,
+        markdown_table,
+        ProblemSpec,
+        time_fn_all,
+    )
+else:  # run as a script: benchmarks/ is on sys.path
+    from _common import (  # pyright: ignore[reportMissingImports]
+        environment,
+        fmt_ratio,
+        fmt_time,
+        make_tanh_problem,
+        markdown_table,
+        ProblemSpec,
+        time_fn_all,
+    )
 
 import eqxdeq
 
 
-def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
+NEWTON = "optx.Newton (dense)"
+# The rows of the docs' table (`python -m benchmarks`): the slow, failing
+# "Newton + line search" and the cautious dt0 = 0.1 variant are left out.
+KEY_SOLVERS = (
+    "Picard",
+    "Anderson(m=5)",
+    "Broyden + line search",
+    "NewtonKrylov (default: pseudo-transient, dt0=1)",
+    "Fallback(Anderson ≤ 60 steps → NewtonKrylov)",
+    "SteadyState (Tsit5)",
+    NEWTON,
+)
+
+
+def solvers(
+    rtol: float, history_length: int = 0
+) -> dict[str, optx.AbstractFixedPointSolver]:
+    """`history_length > 0` makes eqxdeq's solvers record `‖f(z) − z‖₂` at each
+    evaluation (`sol.stats["residual_history"]`)."""
     # The DEQ convention: ‖f(z) − z‖₂ ≤ rtol ‖f(z)‖₂ per sample.
     term = eqxdeq.Termination(criterion="norm")
     stall = eqxdeq.Termination(criterion="norm", stall_patience=10)
-    kw = dict(norm=optx.two_norm, termination=term)
+    kw = dict(norm=optx.two_norm, termination=term, history_length=history_length)
     out: dict[str, optx.AbstractFixedPointSolver] = {
         "Picard": eqxdeq.Picard(rtol, 0.0, **kw),
         "Anderson(m=5)": eqxdeq.Anderson(rtol, 0.0, **kw),
@@ -59,7 +91,13 @@ def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
             rtol, 0.0, pseudo_time_step=None, line_search=True, **kw
         ),
         "Fallback(Anderson ≤ 60 steps → NewtonKrylov)": eqxdeq.Fallback(
-            eqxdeq.Anderson(rtol, 0.0, norm=optx.two_norm, termination=stall),
+            eqxdeq.Anderson(
+                rtol,
+                0.0,
+                norm=optx.two_norm,
+                termination=stall,
+                history_length=history_length,
+            ),
             eqxdeq.NewtonKrylov(rtol, 0.0, **kw),
             stage_steps=(60, None),
         ),
@@ -68,7 +106,7 @@ def solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
         out["SteadyState (Tsit5)"] = eqxdeq.SteadyState(rtol, 0.0, **kw)
     # optimistix's Newton with its default (dense, materialised Jacobian) solve; its
     # criterion is on the step, so ask for more and check the residual afterwards.
-    out["optx.Newton (dense)"] = optx.Newton(rtol=rtol / 10, atol=rtol / 10)
+    out[NEWTON] = optx.Newton(rtol=rtol / 10, atol=rtol / 10)
     return out
 
 
@@ -95,7 +133,7 @@ def sweep_solvers(rtol: float) -> dict[str, optx.AbstractFixedPointSolver]:
 
 def run_per_sample(problem, solver, opts):
     """Solve every sample (vmap); returns the solution, the relative residuals
-    (float64) and the median time."""
+    (float64), the median time and the fastest (both NaN if `opts.repeats < 1`)."""
     weight, injection = problem.args
 
     def solve_one(y0, c):
@@ -108,10 +146,10 @@ def run_per_sample(problem, solver, opts):
     z = np.asarray(sol.value, np.float64)
     fz = np.asarray(problem.fn(sol.value, problem.args), np.float64)
     rel = np.linalg.norm(fz - z, axis=-1) / np.linalg.norm(fz, axis=-1)
-    t = statistics.median(
-        time_fn_all(run, problem.y0, injection, repeats=opts.repeats, warmup=0)
-    )
-    return sol, rel, t
+    if opts.repeats < 1:  # not timed
+        return sol, rel, float("nan"), float("nan")
+    times = time_fn_all(run, problem.y0, injection, repeats=opts.repeats, warmup=0)
+    return sol, rel, statistics.median(times), min(times)
 
 
 def sweep(opts):
@@ -131,12 +169,110 @@ def sweep(opts):
     for name, solver in sweep_solvers(opts.rtol).items():
         row = [name]
         for norm in norms:
-            sol, rel, t = run_per_sample(problems[norm], solver, opts)
+            sol, rel, t, _ = run_per_sample(problems[norm], solver, opts)
             converged = int(np.sum(rel <= opts.rtol))
             evals = int(np.max(np.asarray(sol.stats["num_fn_evals"])))
             row.append(f"{converged}/{opts.batch}, {evals}, {fmt_time(t)}")
         rows.append(row)
     print(markdown_table(["solver"] + [f"‖W‖₂ = {n}" for n in norms], rows))
+
+
+def run_solvers(
+    opts, names: Sequence[str] | None = None, history: bool = False
+) -> list[dict]:
+    """One row per solver (those in `names`, default all) on the layer of `opts`
+    (`n`, `batch`, `norm`, `input_scale`, `rtol`, `max_steps`, `repeats`).
+
+    With `history=True`, eqxdeq's solvers also record `‖f(z) − z‖₂` at each
+    evaluation (a small per-step cost): the row's `history` is then a
+    `(batch, evaluations)` array, NaN after a sample stopped (`None` for optimistix's
+    Newton, which records none, and for Fallback, which keeps only its first stage's
+    history). `f_norm` is `‖f(z)‖₂` per sample at the returned points."""
+    spec = ProblemSpec(opts.n, opts.batch, opts.norm)
+    problem = make_tanh_problem(spec, input_scale=opts.input_scale)
+    weight, injection = problem.args
+    # SteadyState makes ~6 evaluations per step.
+    history_length = 6 * opts.max_steps + 8 if history else 0
+    rows = []
+    for name, solver in solvers(opts.rtol, history_length).items():
+        if names is not None and name not in names:
+            continue
+        sol, rel, t, t_min = run_per_sample(problem, solver, opts)
+        z = np.asarray(sol.value, np.float64)
+        # The Jacobian's spectral radius at each returned point.
+        slope = (
+            1
+            - np.tanh(
+                z @ np.asarray(weight, np.float64) + np.asarray(injection, np.float64)
+            )
+            ** 2
+        )
+        jac = slope[:, :, None] * np.asarray(weight, np.float64).T[None]
+        radius = np.max(np.abs(np.linalg.eigvals(jac)), axis=-1)
+        stats = sol.stats
+        evals = np.asarray(stats.get("num_fn_evals", stats["num_steps"]))
+        jvps = np.asarray(stats.get("num_jvps", np.zeros_like(evals)))
+        if name == NEWTON:
+            # One evaluation and a full Jacobian (n jvps, batched) per step.
+            jvps = evals * opts.n
+        trace = None
+        if history and name != NEWTON and not name.startswith("Fallback"):
+            trace = np.asarray(stats["residual_history"], np.float64)
+            trace = trace[:, : np.max(np.sum(np.isfinite(trace), axis=1))]
+        fz = np.asarray(problem.fn(sol.value, problem.args), np.float64)
+        rows.append(
+            dict(
+                solver=name,
+                converged=int(np.sum(rel <= opts.rtol)),
+                batch=opts.batch,
+                max_rel_residual=float(np.max(rel)),
+                max_f_evals=int(np.max(evals)),
+                mean_f_evals=float(np.mean(evals)),
+                max_jvps=int(np.max(jvps)),
+                unstable=int(np.sum(radius > 1)),
+                time=t,
+                time_min=t_min,
+                history=trace,
+                f_norm=np.linalg.norm(fz, axis=-1),
+            )
+        )
+    return rows
+
+
+def table(rows: list[dict], columns: str = "all", time: str = "time") -> str:
+    """`columns="key"`: without the spectral-radius column (the docs' table).
+    `time="time_min"`: the fastest solves rather than the medians."""
+    ref = next((row[time] for row in rows if row["solver"] == NEWTON), None)
+    body = []
+    for row in rows:
+        cells = [
+            row["solver"],
+            f"{row['converged']}/{row['batch']}",
+            f"{row['max_rel_residual']:.1e}",
+            row["max_f_evals"],
+            f"{row['mean_f_evals']:.0f}",
+            row["max_jvps"],
+        ]
+        if columns == "all":
+            cells.append(row["unstable"])
+        cells.append(fmt_time(row[time]))
+        cells.append(fmt_ratio(row[time] / ref) if ref else "—")
+        body.append(cells)
+    headers = [
+        "solver",
+        "converged",
+        "max rel. residual",
+        "max f-evals",
+        "mean f-evals",
+        "max jvps",
+    ]
+    if columns == "all":
+        headers.append("samples with ρ(∂f/∂z) > 1")
+    headers += [
+        "median time" if time == "time" else "fastest time",
+        "time / optx.Newton",
+    ]
+    return markdown_table(headers, body)
 
 
 def main():
@@ -161,60 +297,9 @@ def main():
 
     spec = ProblemSpec(opts.n, opts.batch, opts.norm)
     problem = make_tanh_problem(spec, input_scale=opts.input_scale)
-    weight, injection = problem.args
     print(environment())
     print(f"\nProblem: {spec.name}, input RMS {opts.input_scale}, float32\n")
-
-    rows = []
-    times = {}
-    for name, solver in solvers(opts.rtol).items():
-        sol, rel, t = run_per_sample(problem, solver, opts)
-        z = np.asarray(sol.value, np.float64)
-        converged = int(np.sum(rel <= opts.rtol))
-        # The Jacobian's spectral radius at each returned point.
-        slope = (
-            1
-            - np.tanh(
-                z @ np.asarray(weight, np.float64) + np.asarray(injection, np.float64)
-            )
-            ** 2
-        )
-        jac = slope[:, :, None] * np.asarray(weight, np.float64).T[None]
-        radius = np.max(np.abs(np.linalg.eigvals(jac)), axis=-1)
-        stats = sol.stats
-        evals = np.asarray(stats.get("num_fn_evals", stats["num_steps"]))
-        jvps = np.asarray(stats.get("num_jvps", np.zeros_like(evals)))
-        if name.startswith("optx.Newton"):
-            # One evaluation and a full Jacobian (n jvps, batched) per step.
-            jvps = evals * opts.n
-        times[name] = t
-        rows.append(
-            [
-                name,
-                f"{converged}/{opts.batch}",
-                f"{np.max(rel):.1e}",
-                int(np.max(evals)),
-                f"{np.mean(evals):.0f}",
-                int(np.max(jvps)),
-                f"{int(np.sum(radius > 1))}",
-                fmt_time(t),
-            ]
-        )
-    ref = times["optx.Newton (dense)"]
-    for row, name in zip(rows, times, strict=True):
-        row.append(fmt_ratio(times[name] / ref))
-    headers = [
-        "solver",
-        "converged",
-        "max rel. residual",
-        "max f-evals",
-        "mean f-evals",
-        "max jvps",
-        "samples with ρ(∂f/∂z) > 1",
-        "median time",
-        "time / optx.Newton",
-    ]
-    print(markdown_table(headers, rows))
+    print(table(run_solvers(opts)))
 
     if opts.full_state_newton:
         solver = optx.Newton(rtol=opts.rtol / 10, atol=opts.rtol / 10)

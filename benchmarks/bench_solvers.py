@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import optimistix as optx
 
 
-try:  # run as a script (benchmarks/ on sys.path) or imported as `benchmarks.…`
-    from _common import (  # pyright: ignore[reportMissingImports]
+if __package__:  # imported as `benchmarks.bench_solvers` (`python -m benchmarks`)
+    from ._common import (
         elementwise_error,
         environment,
         fmt_ratio,
@@ -45,8 +45,8 @@ try:  # run as a script (benchmarks/ on sys.path) or imported as `benchmarks.…
         relative_residual,
         time_interleaved_all,
     )
-except ImportError:
-    from ._common import (
+else:  # run as a script: benchmarks/ is on sys.path
+    from _common import (  # pyright: ignore[reportMissingImports]
         elementwise_error,
         environment,
         fmt_ratio,
@@ -67,6 +67,18 @@ try:
     import jaxopt
 except ImportError:  # jaxopt is optional: its rows are skipped.
     jaxopt = None
+
+# banax (another JAX DEQ library) is optional too. It requires Python >= 3.12, so on
+# 3.11 it is not importable and its row is skipped, with the reason in the report.
+try:
+    import banax.adjoint
+    import banax.solver
+
+    BANAX_ERROR = None
+except Exception as e:  # noqa: BLE001 (ImportError, or a SyntaxError on old Pythons)
+    banax = None
+    BANAX_ERROR = f"{type(e).__name__}: {e}"
+BANAX_FAILURES: list[str] = []  # problems on which banax's row failed to run
 
 
 FULL_PROBLEMS = ("256x32@0.9", "256x32@0.99", "2048x8@0.9")
@@ -212,6 +224,27 @@ def jaxopt_entry(kind: str, tol: float) -> Entry:
     return entry
 
 
+def banax_entry(tol: float) -> Entry:
+    """banax's Picard (forward only: its `JFB` wrapper), stopping on the same absolute
+    ℓ2 test as jaxopt, `‖f(z) − z‖₂ ≤ atol`."""
+
+    def entry(problem: Problem, cfg: Config):
+        solver = banax.solver.Picard(  # pyright: ignore
+            atol=tol, rtol=0.0, max_steps=cfg.max_steps
+        )
+        adjoint = banax.adjoint.JFB(solver=solver)  # pyright: ignore
+
+        def solve(y0, args):
+            sol = adjoint((problem.fn, (args,)), y0)
+            # One evaluation in `init` plus one per step.
+            converged = (sol.stats.abs_err <= tol).astype(int)
+            return sol.value, sol.stats.steps + 1, converged
+
+        return jax.jit(solve), _converged_name
+
+    return entry
+
+
 def solver_entries(args) -> dict[str, tuple[Entry, bool]]:
     """name -> (entry, is_diagnostic). The bare loop comes first."""
     entries: dict[str, tuple[Entry, bool]] = {
@@ -259,16 +292,30 @@ def run_problem(problem: Problem, cfg: Config, args) -> list[Row]:
     # residual at which the elementwise test first passes.
     z_bare, k_bare, _ = compiled[BARE](problem.y0, problem.args)
     jax.block_until_ready(z_bare)
-    if jaxopt is not None and not args.no_jaxopt:
+    use_jaxopt = jaxopt is not None and not args.no_jaxopt
+    use_banax = banax is not None and not args.no_banax
+    if use_jaxopt or use_banax:
         k_bare = int(k_bare)
         z_prev = _picard_iterate(problem, k_bare - 1)
         tol = float(jnp.linalg.norm(problem.fn(z_prev, problem.args) - z_prev))
+    if use_jaxopt:
         for kind, name in (
             ("fpi", "jaxopt.FixedPointIteration"),
             ("anderson", "jaxopt.AndersonAcceleration(m=5)"),
         ):
             compiled[name], decoders[name] = jaxopt_entry(kind, tol)(problem, cfg)
             diagnostic[name] = False
+    if use_banax:
+        # Written against banax 0.1.5's README, not run here (Python 3.11): a failure
+        # drops the row with a note rather than ending the benchmark.
+        name = "banax.solver.Picard"
+        try:
+            fn, decoder = banax_entry(tol)(problem, cfg)
+            jax.block_until_ready(fn(problem.y0, problem.args))
+        except Exception as e:  # noqa: BLE001
+            BANAX_FAILURES.append(f"{problem.name}: {type(e).__name__}: {e}")
+        else:
+            compiled[name], decoders[name], diagnostic[name] = fn, decoder, False
 
     start = time.perf_counter()
     outputs = {}
@@ -465,6 +512,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-steps", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-jaxopt", action="store_true", help="skip jaxopt rows")
+    parser.add_argument("--no-banax", action="store_true", help="skip banax's row")
     parser.add_argument(
         "--picard-variants",
         action="store_true",
@@ -485,16 +533,51 @@ def parse_args(argv=None):
     return args
 
 
+def run_benchmark(args) -> list[Row]:
+    """Every problem of `args` (from `parse_args`), every solver: the rows."""
+    cfg = Config(rtol=args.rtol, atol=args.atol, max_steps=args.max_steps)
+    rows: list[Row] = []
+    for problem_text in args.problems:
+        problem = make_tanh_problem(ProblemSpec.parse(problem_text), seed=args.seed)
+        rows += run_problem(problem, cfg, args)
+    return rows
+
+
+def library_notes(args) -> list[str]:
+    """One line each on jaxopt's and banax's rows: how they stop, or why skipped."""
+    notes = []
+    if jaxopt is None:
+        notes.append("jaxopt is not installed: its rows are skipped.")
+    elif args.no_jaxopt:
+        notes.append("jaxopt rows skipped (--no-jaxopt).")
+    else:
+        notes.append(
+            "jaxopt stops on an absolute ℓ2 test `‖T(z) − z‖₂ ≤ tol`; tol is set per "
+            "problem to the ℓ2 residual at which the bare loop's elementwise test "
+            "first passes. jaxopt's f-evals are `state.num_fun_eval`."
+        )
+    if banax is None:
+        notes.append(
+            f"banax is not importable here (Python {sys.version.split()[0]}; banax "
+            f"requires Python ≥ 3.12; `{BANAX_ERROR}`): its row is skipped."
+        )
+    elif args.no_banax:
+        notes.append("banax's row skipped (--no-banax).")
+    else:
+        notes.append(
+            "banax's Picard stops on the same absolute ℓ2 test as jaxopt (`atol` = "
+            "that tol, `rtol = 0`); its f-evals are `sol.stats.steps + 1`."
+        )
+        notes += [f"banax's row failed and is left out ({f})." for f in BANAX_FAILURES]
+    return notes
+
+
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     cfg = Config(rtol=args.rtol, atol=args.atol, max_steps=args.max_steps)
-    specs = [ProblemSpec.parse(p) for p in args.problems]
     start = time.perf_counter()
     load_start = load_average()
-    rows: list[Row] = []
-    for spec in specs:
-        problem = make_tanh_problem(spec, seed=args.seed)
-        rows += run_problem(problem, cfg, args)
+    rows = run_benchmark(args)
 
     print(f"## eqxdeq solver benchmark\n\nMachine: {environment()}\n")
     print(
@@ -505,16 +588,8 @@ def main(argv=None) -> list[Row]:
     )
     print(results_table(rows))
     print()
-    if jaxopt is None:
-        print("_jaxopt is not installed: its rows are skipped._\n")
-    elif args.no_jaxopt:
-        print("_jaxopt rows skipped (--no-jaxopt)._\n")
-    else:
-        print(
-            "_jaxopt stops on an absolute ℓ2 test `‖T(z) − z‖₂ ≤ tol`; tol is set per "
-            "problem to the ℓ2 residual at which the bare loop's elementwise test "
-            "first passes. jaxopt's f-evals are `state.num_fun_eval`._\n"
-        )
+    for note in library_notes(args):
+        print(f"_{note}_\n")
     print("Per-step overhead (time per f-eval minus Picard's, over Picard's):\n")
     print("\n".join(overhead_lines(rows)))
     print("\nTargets:\n")

@@ -1,0 +1,1 @@
+"""eqxdeq's benchmarks: `python -m benchmarks` runs the suite (see README.md)."""
