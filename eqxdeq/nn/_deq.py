@@ -139,10 +139,10 @@ class DEQ(eqx.Module):
     `args`, so gradients reach its parameters through the adjoint.
 
     Like equinox's layers, `DEQ` acts on **one sample**: use `jax.vmap` over a batch,
-    which solves every sample to its own tolerance (measured on the digits classifier
-    of the tutorial: about half the Anderson steps of solving the whole batch as one
-    state, whose tolerance and Anderson mixing are set by the worst sample). A cell
-    that accepts a batch also works unbatched, solving the batch as one state.
+    which solves every sample to its own tolerance with its own Anderson mixing,
+    where solving the whole batch as one state waits for the worst sample and mixes
+    all samples with one set of coefficients (the batching guide has measurements).
+    A cell that accepts a batch also works unbatched, solving the batch as one state.
 
     **Training and inference.** `inference=True` (or [`equinox.nn.inference_mode`][])
     switches to `inference_solver` and `inference_max_steps` where given — torchdeq's
