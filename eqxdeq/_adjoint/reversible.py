@@ -151,24 +151,13 @@ class ReversibleAdjoint(optx.AbstractAdjoint):
     $\le 2N/\text{checkpoints}$ steps between copies. Memory stays independent of
     $N$: $2 \times$ `checkpoints` copies of $y$, besides the final pair.
 
-    Measured relative gradient error against BPTT (tanh layer, spectral norm 0.9,
-    $\beta = 0.8$, float32; `tests/test_reversible.py`):
-
-    | steps $N$ | `checkpoints=0` | 8 (default) | 16 | 32 |
-    | --- | --- | --- | --- | --- |
-    | 5 | 3e-4 | 1e-7 | 1e-7 | 1e-7 |
-    | 10 | 1e-1 | 2e-7 | 1e-7 | 1e-7 |
-    | 20 | 2e-1 | 1e-5 | 3e-7 | 2e-7 |
-    | 40 | 2e-1 | 2e-1 | 2e-5 | 3e-7 |
-    | 100 | NaN (overflow) | 9e-2 | 8e-2 | 1e-5 |
-
-    In float64: at most 6e-10 with 8 checkpoints up to $N = 40$, against 5e-2
-    without. Keep the steps between copies below ~5 in float32 (~10 in float64) at
-    $\beta = 0.8$; a smaller $\beta$ tolerates more. A reconstruction that
-    overflows raises a runtime error (as a failed linear solve of
-    [`eqxdeq.ImplicitAdjoint`][] does) rather than returning a NaN gradient. For a
-    gradient at a tightly converged fixed point after many steps prefer
-    [`eqxdeq.ImplicitAdjoint`][].
+    The reversible page of the documentation has the measured gradient error
+    against BPTT for each number of checkpoints. Keep the steps between copies
+    few (the error of a reconstruction grows geometrically with them; a smaller
+    $\beta$ tolerates more). A reconstruction that overflows raises a runtime error
+    (as a failed linear solve of [`eqxdeq.ImplicitAdjoint`][] does) rather than
+    returning a NaN gradient. For a gradient at a tightly converged fixed point after
+    many steps prefer [`eqxdeq.ImplicitAdjoint`][].
 
     !!! info "Reverse mode only"
 

@@ -353,10 +353,8 @@ NewtonKrylovDescent.__init__.__doc__ = """**Arguments:**
     dtype, below which Krylov solves stagnate.
 - `forcing_max`: the largest (and first) forcing term. Default 0.5: Eisenstat and
     Walker's 0.9 lets a step after a residual increase be solved so loosely that
-    pseudo-transient continuation chatters near unstable points (measured on
-    `benchmarks/bench_nonconvex.py`: with 0.9, 1 of 32 samples fails at
-    ‖W‖₂ = 1.6; with 0.5 none, at the cost of ~10% more Jacobian-vector products
-    on contractive layers).
+    pseudo-transient continuation chatters near unstable points (the solver
+    guide has the measurements).
 - `pseudo_time_step`: $\\Delta t_0$, the pseudo-time step at the first residual;
     `None` for the Newton direction.
 """

@@ -38,10 +38,8 @@ class NewtonKrylov(AbstractDescentSearchSolver[Y, Aux]):
     $\partial f/\partial y$ with real part below 1; those beyond $-1$ make Picard
     oscillate); a line search on $\|g\|$ is drawn to any point where $\|g\|$ has a
     local minimum, including where $I - \partial f/\partial y$ is singular, and
-    fails far more often on such layers (`benchmarks/bench_nonconvex.py`: 0 of 32
-    samples against 32 of 32). On a contraction the line search variant needs
-    fewer evaluations (measured on tanh layers with spectral norm 0.9-0.99: 5-8
-    against 8-10).
+    fails far more often on such layers; on a contraction the line-search variant
+    needs a few evaluations fewer (the solver guide has the measurements).
 
     Cost: one evaluation of $f$ per step, through `jax.linearize` (slightly dearer
     than a plain call, and it keeps the linearisation's residuals in memory), plus

@@ -188,11 +188,7 @@ class SteadyState(optx.AbstractFixedPointSolver[Y, Aux, _SteadyStateState]):
         the controller is tied to the fixed-point tolerances,
         `diffrax.PIDController(rtol=rtol/10, atol=atol/10, pcoeff=0.2, icoeff=0.4)`;
         the PI coefficients damp the oscillation of the step size at the stability
-        edge. (Measured with `Tsit5` and `rtol = atol = 1e-8` on a tanh layer of
-        spectral norm 0.9: ODE tolerances equal to the fixed-point ones stall; `/10`
-        with a plain I controller needs 673 evaluations, but stalls on a rotation-like
-        layer; `/100` needs 907; the default 739, and converged on every problem of the
-        test-suite.)
+        edge (the solver guide has the measurements).
 
     Implicit diffrax solvers (`Kvaerno5`, `ImplicitEuler`, …) are not supported: the
     number of evaluations of their inner nonlinear solves is not known.
