@@ -1,7 +1,7 @@
 """`eqxdeq.nn.DEQ`: an equinox layer whose output is the fixed point of a cell."""
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import equinox as eqx
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optimistix as optx
+from jax.core import Tracer
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._adjoint import ImplicitAdjoint, PhantomAdjoint
@@ -105,11 +106,7 @@ def _untrainable(tree):
     """
 
     def leaf(x):
-        if (
-            eqx.is_inexact_array(x)
-            and jnp.ndim(x) == 0
-            and not isinstance(x, jax.core.Tracer)
-        ):
+        if eqx.is_inexact_array(x) and jnp.ndim(x) == 0 and not isinstance(x, Tracer):
             return x.item()
         return x
 
@@ -276,6 +273,30 @@ class DEQ(eqx.Module):
         if state is None:
             return z_star, stats
         return z_star, stats, state
+
+    @overload
+    def __call__(
+        self,
+        x: PyTree[Array],
+        state: None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        z0: PyTree[Array] | None = None,
+        step_budget: int | Int[Array, ""] | None = None,
+        inference: bool | None = None,
+    ) -> tuple[PyTree[Array], DEQStats]: ...
+
+    @overload
+    def __call__(
+        self,
+        x: PyTree[Array],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+        z0: PyTree[Array] | None = None,
+        step_budget: int | Int[Array, ""] | None = None,
+        inference: bool | None = None,
+    ) -> tuple[PyTree[Array], DEQStats, eqx.nn.State]: ...
 
     def __call__(
         self,
