@@ -104,6 +104,17 @@ _CONTROL = optx.ImplicitAdjoint()
 _ADJOINTS = ["gmres", pytest.param("lu", marks=pytest.mark.slow)]
 
 
+def _check_against_control(solve_with, adjoint, args, residual_fn, rtol, atol):
+    """eqxdeq's exact adjoint against `optx.ImplicitAdjoint` (jvp and vjp) and against
+    a dense IFT at a root of `residual_fn`. `solve_with(adj)` maps args to y*."""
+    ours = _jvp_vjp(solve_with(_EQXDEQ_EXACT[adjoint]), args)
+    control = _jvp_vjp(solve_with(_CONTROL), args)
+    assert tree_allclose(ours, control, rtol=rtol, atol=atol)
+    y_star = solve_with(_CONTROL)(args)
+    dense = _dense_tangents(residual_fn, y_star, args)
+    assert tree_allclose(ours[0], dense, rtol=rtol, atol=atol)
+
+
 # --- optx.root_find ----------------------------------------------------------------
 
 _ROOT_FINDERS = {
@@ -132,12 +143,7 @@ def test_root_find_matches_optimistix(adjoint, solver, name, fn, y0, args):
 
         return solve
 
-    ours = _jvp_vjp(solve_with(_EQXDEQ_EXACT[adjoint]), args)
-    control = _jvp_vjp(solve_with(_CONTROL), args)
-    assert tree_allclose(ours, control, rtol=1e-8, atol=1e-10)
-    y_star = solve_with(_CONTROL)(args)
-    dense = _dense_tangents(fn, y_star, args)
-    assert tree_allclose(ours[0], dense, rtol=1e-8, atol=1e-10)
+    _check_against_control(solve_with, adjoint, args, fn, rtol=1e-8, atol=1e-10)
 
 
 # --- optx.fixed_point, with every solver kind --------------------------------------
@@ -172,12 +178,8 @@ def test_fixed_point_matches_optimistix(adjoint, solver, name, fn, y0, args):
 
         return solve
 
-    ours = _jvp_vjp(solve_with(_EQXDEQ_EXACT[adjoint]), args)
-    control = _jvp_vjp(solve_with(_CONTROL), args)
-    assert tree_allclose(ours, control, rtol=1e-8, atol=1e-10)
-    y_star = solve_with(_CONTROL)(args)
-    dense = _dense_tangents(lambda y, a: fn(y, a) - y, y_star, args)
-    assert tree_allclose(ours[0], dense, rtol=1e-8, atol=1e-10)
+    residual = lambda y, a: fn(y, a) - y
+    _check_against_control(solve_with, adjoint, args, residual, rtol=1e-8, atol=1e-10)
 
 
 # --- optx.minimise and optx.least_squares ------------------------------------------
@@ -201,12 +203,8 @@ def test_minimise_matches_optimistix(adjoint, solver):
 
         return solve
 
-    ours = _jvp_vjp(solve_with(_EQXDEQ_EXACT[adjoint]), _A)
-    control = _jvp_vjp(solve_with(_CONTROL), _A)
-    assert tree_allclose(ours, control, rtol=1e-7, atol=1e-9)
-    y_star = solve_with(_CONTROL)(_A)
-    dense = _dense_tangents(jax.grad(_quartic_minimise), y_star, _A)
-    assert tree_allclose(ours[0], dense, rtol=1e-7, atol=1e-9)
+    gradient = jax.grad(_quartic_minimise)
+    _check_against_control(solve_with, adjoint, _A, gradient, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("adjoint", _ADJOINTS)
