@@ -104,6 +104,66 @@ def test_per_sample_switching_under_vmap():
         np.testing.assert_allclose(sol.value[i], y_star, rtol=1e-7, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    "make_first, make_second",
+    [
+        # optimistix's own solver never reports failure: it hands over on
+        # `stage_steps`, and the next stage re-evaluates f at its last iterate.
+        (
+            lambda: optx.FixedPointIteration(1e-9, 1e-9),
+            lambda: eqxdeq.Anderson(1e-9, 1e-9),
+        ),
+        (
+            lambda: _stalling(eqxdeq.Picard),
+            lambda: eqxdeq.Reversible(1e-9, 1e-9, relaxation=0.3),
+        ),
+        (lambda: _stalling(eqxdeq.Picard), lambda: eqxdeq.SteadyState(1e-9, 1e-9)),
+        (
+            lambda: eqxdeq.Reversible(1e-9, 1e-9),
+            lambda: eqxdeq.NewtonKrylov(1e-9, 1e-9),
+        ),
+    ],
+)
+def test_any_fixed_point_solver_is_a_stage(make_first, make_second):
+    fn, y0, args, _ = _expanding_linear(scale=0.5)
+    first, second = make_first(), make_second()
+    solver = eqxdeq.Fallback(first, second, stage_steps=(4, None))
+    sol = optx.fixed_point(fn, solver, y0, args, max_steps=2000)
+    y_star = jnp.linalg.solve(jnp.eye(8) - args[0], args[1])
+    np.testing.assert_allclose(sol.value, y_star, rtol=1e-7, atol=1e-7)
+    assert sol.stats["stage"] == 1
+    assert sol.stats["stage_num_steps"][0] == 4
+    assert sol.stats["stage_num_steps"][1] == sol.stats["num_steps"] - 4
+    assert len(sol.stats["stages"]) == 2
+    second_stats = sol.stats["stages"][1]
+    assert sol.stats["stage_fn_evals"][1] == second_stats["num_fn_evals"]
+    np.testing.assert_array_equal(
+        sol.stats["abs_residual"], second_stats["abs_residual"]
+    )
+
+
+def test_every_stage_keeps_its_statistics():
+    fn, y0, args, _ = _expanding_linear()
+    picard = eqxdeq.Picard(
+        1e-9, 1e-9, termination=eqxdeq.Termination(stall_patience=3), history_length=40
+    )
+    anderson = eqxdeq.Anderson(1e-9, 1e-9, memory=8, history_length=40)
+    sol = optx.fixed_point(fn, eqxdeq.Fallback(picard, anderson), y0, args)
+    first, second = sol.stats["stages"]
+    assert first["result"] == eqxdeq.RESULTS.stalled
+    assert second["result"] == eqxdeq.RESULTS.successful
+    n1, n2 = int(first["num_fn_evals"]), int(second["num_fn_evals"])
+    history = sol.stats["residual_history"]
+    assert history.shape == (80,)
+    # The stages' histories one after the other, then NaN padding.
+    np.testing.assert_array_equal(history[:n1], first["residual_history"][:n1])
+    np.testing.assert_array_equal(
+        history[n1 : n1 + n2], second["residual_history"][:n2]
+    )
+    assert jnp.all(jnp.isnan(history[n1 + n2 :]))
+    assert sol.stats["num_steps"] == sum(sol.stats["stage_num_steps"])
+
+
 def test_gradient_through_fallback():
     fn, y0, args, _ = _expanding_linear()
     solver = eqxdeq.Fallback(
@@ -127,10 +187,8 @@ def test_gradient_through_fallback():
     [
         (lambda: eqxdeq.Fallback(eqxdeq.Picard(1e-6, 1e-6)), "at least two"),
         (
-            lambda: eqxdeq.Fallback(
-                eqxdeq.Picard(1e-6, 1e-6), optx.FixedPointIteration(1e-6, 1e-6)
-            ),
-            "FixedPointIteration",
+            lambda: eqxdeq.Fallback(eqxdeq.Picard(1e-6, 1e-6), optx.Newton(1e-6, 1e-6)),
+            "Newton: a root finder",
         ),
         (
             lambda: eqxdeq.Fallback(

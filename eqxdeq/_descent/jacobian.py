@@ -54,12 +54,12 @@ class AbstractJacobianDescent(optx.AbstractDescent[Y, _ResidualJac, _State]):
         """Statistics of the descent (e.g. Jacobian-vector products) for
         `sol.stats`."""
 
+    @abc.abstractmethod
     def with_reference_residual(self, state: _State, residual_norm: Scalar) -> _State:
         """`state` (fresh from `init`) told the size $\\|g\\|_2$ of the residual at
-        the start of the whole solve, when it takes over from another solver (see
-        [`eqxdeq.Fallback`][]). By default ignored."""
-        del residual_norm
-        return state
+        the start of a larger solve that this one continues (the solver's
+        `options["reference_residual"]`, e.g. from [`eqxdeq.Fallback`][]). A
+        descent without a continuation returns `state` unchanged."""
 
 
 def krylov_matvecs(solver: lx.AbstractLinearSolver, num_steps, size: int):

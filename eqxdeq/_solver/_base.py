@@ -1,7 +1,6 @@
 """The one fixed-point loop that every eqxdeq solver is an instance of: a descent
 (the direction) plus a search (the step length and whether to accept a trial)."""
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Generic
 
@@ -12,19 +11,12 @@ import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
 from equinox import AbstractVar
-from jaxtyping import Array, Bool, Int, PyTree, Scalar
+from jaxtyping import Array, Bool, PyTree, Scalar
 
-from .._custom_types import Aux, Y
+from .._custom_types import Aux, Fn, Y
 from .._descent import AbstractJacobianDescent
-from .._misc import (
-    is_python_number,
-    stats_dtype,
-    tree_where,
-    tree_zeros_like_struct,
-    two_norm,
-    ω,
-)
-from .._termination import detailed_result, terminate_result, Termination
+from .._misc import is_python_number, tree_where, tree_zeros_like_struct, ω
+from .._termination import check_options, Progress, SOLVER_OPTIONS, Termination
 
 
 _Residual = optx.FunctionInfo.Residual
@@ -55,31 +47,13 @@ def _evaluate(fn, y, args, jacobian: bool):
 
 
 class _DescentSearchState(eqx.Module, Generic[Y, Aux]):
-    # The loop.
     first_step: Bool[Array, ""]
-    y_eval: Y
+    y_eval: Y  # the next trial point
     f_info: _Residual  # residual g(y) = f(y) - y at the last accepted iterate y
     aux: Aux  # aux at the last accepted iterate
     descent_state: Any
     search_state: Any
-    # Termination.
-    converged: Bool[Array, ""]
-    diverged: Bool[Array, ""]
-    stalled: Bool[Array, ""]
-    initial_residual: Scalar
-    stall_reference: Scalar
-    steps_since_progress: Int[Array, ""]
-    # Statistics.
-    num_fn_evals: Int[Array, ""]
-    num_accepted_steps: Int[Array, ""]
-    abs_residual: Scalar  # |f(y) - y|_2 at the last accepted iterate
-    rel_residual: Scalar  # |f(y) - y|_2 / |f(y)|_2 at the last accepted iterate
-    best_y: Y | None
-    best_aux: Aux | None
-    best_residual: Y | None
-    best_abs_residual: Scalar
-    best_rel_residual: Scalar
-    residual_history: Array | None
+    progress: Progress[Y, Aux]
 
 
 class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
@@ -101,7 +75,17 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
     - `step_budget`: a (possibly traced) integer; the solve stops after this many
         steps with `optimistix.RESULTS.nonlinear_max_steps_reached` unless converged.
         Unlike `max_steps` it can change between calls without recompiling, e.g. for
-        a curriculum over the depth of a DEQ.
+        a curriculum over the depth of a DEQ. A Python int must be at least 1
+        (and compiles once per value; pass `jnp.asarray(budget)` to avoid that).
+    - `y0_evaluation`: `(f(y0), aux(y0))`, when already known: the first trial is
+        proposed without evaluating $f$ at `y0` again (except by a descent that needs
+        the Jacobian at `y0`). [`eqxdeq.Fallback`][] hands over this way.
+    - `reference_residual`: $\|f(y)-y\|_2$ at the start of a larger solve that this
+        one continues: the reference for divergence detection (instead of the first
+        residual seen) and for a Jacobian descent's own continuation (e.g.
+        Newton–Krylov's pseudo-time step).
+
+    Any other key is an error.
 
     `sol.stats` holds, for every eqxdeq solver:
 
@@ -126,47 +110,73 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
     return_best: AbstractVar[bool]
     history_length: AbstractVar[int]
 
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        del fn, args, options, tags
-        dtype = stats_dtype(y)
+    def init(
+        self,
+        fn: Fn,
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _DescentSearchState[Y, Aux]:
+        del fn, args, tags
+        check_options(type(self).__name__, options, SOLVER_OPTIONS)
         f_info_struct = _Residual(jax.eval_shape(lambda: y))
-        inf = jnp.array(jnp.inf, dtype)
-        zero = jnp.array(0)
-        aux = tree_zeros_like_struct(aux_struct)
-        if self.history_length > 0:
-            history = jnp.full((self.history_length,), jnp.nan, dtype)
-        else:
-            history = None
-        return _DescentSearchState(
+        reference = options.get("reference_residual", None)
+        descent_state = self.descent.init(y, f_info_struct)
+        if reference is not None and isinstance(self.descent, AbstractJacobianDescent):
+            descent_state = self.descent.with_reference_residual(
+                descent_state, reference
+            )
+        state = _DescentSearchState(
             first_step=jnp.array(True),
             y_eval=y,
             f_info=_Residual(tree_zeros_like_struct(f_struct)),
-            aux=aux,
-            descent_state=self.descent.init(y, f_info_struct),
+            aux=tree_zeros_like_struct(aux_struct),
+            descent_state=descent_state,
             search_state=self.search.init(y, f_info_struct),
-            converged=jnp.array(False),
-            diverged=jnp.array(False),
-            stalled=jnp.array(False),
-            initial_residual=inf,
-            stall_reference=inf,
-            steps_since_progress=zero,
-            num_fn_evals=zero,
-            num_accepted_steps=zero,
-            abs_residual=inf,
-            rel_residual=inf,
-            best_y=y if self.return_best else None,
-            best_aux=aux if self.return_best else None,
-            best_residual=(
-                tree_zeros_like_struct(f_struct) if self.return_best else None
+            progress=Progress.start(
+                y,
+                aux_struct,
+                keep_best=self.return_best,
+                history_length=self.history_length,
+                reference_residual=reference,
             ),
-            best_abs_residual=inf,
-            best_rel_residual=inf,
-            residual_history=history,
+        )
+        evaluation = options.get("y0_evaluation", None)
+        if evaluation is None or _needs_jacobian(self.descent):
+            # (A descent that needs the Jacobian at `y0` evaluates `f` there anyway.)
+            return state
+        # `f(y0)` is known: propose the first trial without evaluating it again.
+        f, aux = evaluation
+        g = (f**ω - y**ω).ω
+        f_info = _Residual(g)
+        step_size, _, _, search_state = self.search.step(
+            jnp.array(True), y, y, f_info, f_info, state.search_state
+        )
+        descent_state = self.descent.query(y, f_info, descent_state)
+        y_diff, _ = self.descent.step(jnp.asarray(step_size), descent_state)
+        return _DescentSearchState(
+            first_step=jnp.array(False),
+            y_eval=(y**ω + y_diff**ω).ω,
+            f_info=f_info,
+            aux=aux,
+            descent_state=descent_state,
+            search_state=search_state,
+            progress=state.progress.observe(self, y, f, g, aux, num_evals=0),
         )
 
-    def step(self, fn, y, args, options, state, tags):
+    def step(
+        self,
+        fn: Fn,
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _DescentSearchState[Y, Aux],
+        tags: frozenset[object],
+    ) -> tuple[Y, _DescentSearchState[Y, Aux], Aux]:
         del options, tags
-        dtype = stats_dtype(y)
         y_eval = state.y_eval
         f_eval, aux_eval, jac_eval = _evaluate(
             fn, y_eval, args, _needs_jacobian(self.descent)
@@ -177,8 +187,6 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             query_info = f_eval_info
         else:
             query_info = optx.FunctionInfo.ResidualJac(g_eval, jac_eval)
-        abs_eval = two_norm(g_eval, dtype)
-        rel_eval = abs_eval / two_norm(f_eval, dtype)
 
         step_size, accept, search_result, search_state = self.search.step(
             state.first_step, y, y_eval, state.f_info, f_eval_info, state.search_state
@@ -202,42 +210,14 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             f_info = tree_where(accept, f_eval_info, state.f_info)
             aux = tree_where(accept, aux_eval, state.aux)
         y_diff, descent_result = self.descent.step(step_size, descent_state)
-        abs_residual = jnp.where(accept, abs_eval, state.abs_residual)
-        rel_residual = jnp.where(accept, rel_eval, state.rel_residual)
-        with jax.numpy_dtype_promotion("standard"):
-            converged = self.termination.converged(
-                self.rtol, self.atol, self.norm, g_eval, f_eval
-            )
-        converged = jnp.where(accept, converged, state.converged)
-
-        # Safe termination.
-        # (A solve resumed from another solver's point keeps the original one.)
-        initial_residual = jnp.where(
-            jnp.isinf(state.initial_residual), abs_eval, state.initial_residual
-        )
-        diverged = accept & self.termination.diverged(abs_eval, initial_residual)
-        improved = abs_eval < state.best_abs_residual
-        best_abs_residual = jnp.where(improved, abs_eval, state.best_abs_residual)
-        best_rel_residual = jnp.where(improved, rel_eval, state.best_rel_residual)
-        stall_reference, steps_since_progress, stalled = self.termination.stall(
-            best_abs_residual, state.stall_reference, state.steps_since_progress
-        )
-
-        if self.return_best:
-            best_y = tree_where(improved, y_eval, state.best_y)
-            best_aux = tree_where(improved, aux_eval, state.best_aux)
-            best_residual = tree_where(improved, g_eval, state.best_residual)
-        else:
-            best_y = best_aux = best_residual = None
-        if state.residual_history is None:
-            history = None
-        else:
-            history = state.residual_history.at[state.num_fn_evals].set(
-                abs_eval, mode="drop"
-            )
-
         result = optx.RESULTS.where(
             search_result == optx.RESULTS.successful, descent_result, search_result
+        )
+        progress = state.progress.observe(
+            self, y_eval, f_eval, g_eval, aux_eval, accept=accept
+        )
+        progress = progress.end_step(
+            self, accept, failed=result != optx.RESULTS.successful
         )
         new_state = _DescentSearchState(
             first_step=jnp.array(False),
@@ -246,120 +226,35 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
             aux=aux,
             descent_state=descent_state,
             search_state=search_state,
-            converged=converged,
-            diverged=diverged | (result != optx.RESULTS.successful),
-            stalled=stalled,
-            initial_residual=initial_residual,
-            stall_reference=stall_reference,
-            steps_since_progress=steps_since_progress,
-            num_fn_evals=state.num_fn_evals + 1,
-            num_accepted_steps=state.num_accepted_steps + accept.astype(int),
-            abs_residual=abs_residual,
-            rel_residual=rel_residual,
-            best_y=best_y,
-            best_aux=best_aux,
-            best_residual=best_residual,
-            best_abs_residual=best_abs_residual,
-            best_rel_residual=best_rel_residual,
-            residual_history=history,
+            progress=progress,
         )
         return new_y, new_state, aux
 
-    def handover_point(self, y, state):
-        """`(y, g, aux)`: the point another solver should continue from when this
-        one fails — the best iterate seen (or, with `return_best=False`, the last
-        accepted one) with its residual $g = f(y) - y$ and aux."""
-        if self.return_best:
-            return state.best_y, state.best_residual, state.best_aux
-        return y, state.f_info.residual, state.aux
-
-    def resume(self, y, g, aux, state, initial_residual):
-        """A fresh state (`state`, from `init`) advanced to continue from `y`, where
-        the residual `g` and `aux` are already known: the first trial is proposed
-        without evaluating $f$ at `y` again. A descent that needs the Jacobian at
-        `y` cannot do that, so it starts by (re-)evaluating $f$ there.
-        `initial_residual`, $\\|g\\|_2$ at the start of the whole solve, stays the
-        reference for divergence detection (and for a Jacobian descent's own
-        continuation, e.g. Newton–Krylov's pseudo-time step)."""
-        dtype = stats_dtype(y)
-        initial_residual = jnp.asarray(initial_residual, dtype)
-        if _needs_jacobian(self.descent):
-            descent_state = state.descent_state
-            if isinstance(self.descent, AbstractJacobianDescent):
-                descent_state = self.descent.with_reference_residual(
-                    descent_state, initial_residual
-                )
-            return dataclasses.replace(
-                state,
-                y_eval=y,
-                descent_state=descent_state,
-                initial_residual=initial_residual,
-            )
-        f_info = _Residual(g)
-        step_size, _, _, search_state = self.search.step(
-            jnp.array(True), y, y, f_info, f_info, state.search_state
-        )
-        descent_state = self.descent.query(y, f_info, state.descent_state)
-        y_diff, _ = self.descent.step(jnp.asarray(step_size), descent_state)
-        abs_residual = two_norm(g, dtype)
-        f = (y**ω + g**ω).ω
-        rel_residual = abs_residual / two_norm(f, dtype)
-        best = {}
-        if self.return_best:
-            best = dict(best_y=y, best_aux=aux, best_residual=g)
-        return dataclasses.replace(
-            state,
-            first_step=jnp.array(False),
-            y_eval=(y**ω + y_diff**ω).ω,
-            f_info=f_info,
-            aux=aux,
-            descent_state=descent_state,
-            search_state=search_state,
-            initial_residual=initial_residual,
-            stall_reference=abs_residual,
-            abs_residual=abs_residual,
-            rel_residual=rel_residual,
-            best_abs_residual=abs_residual,
-            best_rel_residual=rel_residual,
-            **best,
-        )
-
-    def terminate(self, fn, y, args, options, state, tags):
+    def terminate(
+        self,
+        fn: Fn,
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _DescentSearchState[Y, Aux],
+        tags: frozenset[object],
+    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
         del fn, y, args, tags
-        return terminate_result(
-            state.converged, state.diverged, state.stalled, state.num_fn_evals, options
-        )
+        return state.progress.terminate(options)
 
-    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+    def postprocess(
+        self,
+        fn: Fn,
+        y: Y,
+        aux: Aux,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _DescentSearchState[Y, Aux],
+        tags: frozenset[object],
+        result: optx.RESULTS,
+    ) -> tuple[Y, Aux, dict[str, Any]]:
         del fn, args, options, tags
-        detailed = detailed_result(result, state.stalled)
-        if self.return_best:
-            # A converged solve returns its last iterate, which meets the tolerance
-            # (the iterate of smallest 2-norm residual need not, under an elementwise
-            # or relative criterion). Otherwise the best iterate seen is returned.
-            use_best = jnp.logical_not(state.converged)
-            y = tree_where(use_best, state.best_y, y)
-            aux = tree_where(use_best, state.best_aux, aux)
-            abs_residual = jnp.where(
-                use_best, state.best_abs_residual, state.abs_residual
-            )
-            rel_residual = jnp.where(
-                use_best, state.best_rel_residual, state.rel_residual
-            )
-        else:
-            abs_residual = state.abs_residual
-            rel_residual = state.rel_residual
-        stats = {
-            "num_fn_evals": state.num_fn_evals,
-            "num_accepted_steps": state.num_accepted_steps,
-            "abs_residual": abs_residual,
-            "rel_residual": rel_residual,
-            "best_abs_residual": state.best_abs_residual,
-            "best_rel_residual": state.best_rel_residual,
-            "result": detailed,
-        }
-        if state.residual_history is not None:
-            stats["residual_history"] = state.residual_history
+        y, aux, stats = state.progress.finish(y, aux, result)
         if isinstance(self.descent, AbstractJacobianDescent):
             stats.update(self.descent.stats(state.descent_state))
         return y, aux, stats

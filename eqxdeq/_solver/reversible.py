@@ -1,5 +1,5 @@
 from collections.abc import Callable
-from typing import Generic
+from typing import Any, Generic
 
 import equinox as eqx
 import jax
@@ -9,16 +9,9 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from .._custom_types import Aux, Y
-from .._misc import (
-    buffer_set,
-    history_buffer,
-    is_python_number,
-    stats_dtype,
-    two_norm,
-    ω,
-)
-from .._termination import detailed_result, terminate_result, Termination
+from .._custom_types import Aux, Fn, Y
+from .._misc import buffer_set, history_buffer, is_python_number, ω
+from .._termination import BASIC_OPTIONS, check_options, Progress, Termination
 from ._base import check_solver_fields
 
 
@@ -127,26 +120,13 @@ def check_checkpoints(checkpoints, name: str):
         )
 
 
-class _ReversibleState(eqx.Module, Generic[Y]):
-    # The loop.
-    first_step: Bool[Array, ""]
+class _ReversibleState(eqx.Module, Generic[Y, Aux]):
     z: Y  # the second sequence; the first, y, is optimistix's iterate
     checkpoints: Checkpoints[Y] | None
-    # Termination.
-    converged: Bool[Array, ""]
-    diverged: Bool[Array, ""]
-    stalled: Bool[Array, ""]
-    initial_residual: Scalar
-    stall_reference: Scalar
-    steps_since_progress: Int[Array, ""]
-    # Statistics.
-    num_fn_evals: Int[Array, ""]
-    num_accepted_steps: Int[Array, ""]
-    abs_residual: Scalar  # |f(y) - y|_2 at the current y
-    rel_residual: Scalar  # |f(y) - y|_2 / |f(y)|_2 at the current y
-    best_abs_residual: Scalar
-    best_rel_residual: Scalar  # the relative residual where `best_abs_residual` was
-    residual_history: Array | None
+    progress: Progress[Y, Aux]
+
+
+_OPTIONS = BASIC_OPTIONS + ("reference_residual",)
 
 
 class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
@@ -216,126 +196,81 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
                 f"divides by 1 - relaxation), got {self.relaxation!r}."
             )
 
-    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        del fn, args, options, f_struct, aux_struct, tags
-        dtype = stats_dtype(y)
-        inf = jnp.array(jnp.inf, dtype)
-        zero = jnp.array(0)
-        if self.history_length > 0:
-            history = jnp.full((self.history_length,), jnp.nan, dtype)
-        else:
-            history = None
+    def init(
+        self,
+        fn: Fn,
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _ReversibleState[Y, Aux]:
+        del fn, args, f_struct, tags
+        check_options("Reversible", options, _OPTIONS)
         checkpoints = None
         if self.checkpoints > 0:
             checkpoints = Checkpoints.start(y, self.checkpoints)
-        return _ReversibleState(
-            first_step=jnp.array(True),
-            z=y,
-            checkpoints=checkpoints,
-            converged=jnp.array(False),
-            diverged=jnp.array(False),
-            stalled=jnp.array(False),
-            initial_residual=inf,
-            stall_reference=inf,
-            steps_since_progress=zero,
-            num_fn_evals=zero,
-            num_accepted_steps=zero,
-            abs_residual=inf,
-            rel_residual=inf,
-            best_abs_residual=inf,
-            best_rel_residual=inf,
-            residual_history=history,
+        progress = Progress.start(
+            y,
+            aux_struct,
+            keep_best=False,
+            history_length=self.history_length,
+            reference_residual=options.get("reference_residual", None),
         )
+        return _ReversibleState(z=y, checkpoints=checkpoints, progress=progress)
 
-    def step(self, fn, y, args, options, state, tags):
+    def step(
+        self,
+        fn: Fn,
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _ReversibleState[Y, Aux],
+        tags: frozenset[object],
+    ) -> tuple[Y, _ReversibleState[Y, Aux], Aux]:
         del options, tags
-        dtype = stats_dtype(y)
         z = state.z
         new_y, new_z, f_z, f_y, aux = reversible_step(fn, self.relaxation, y, z, args)
-        # Both residuals come for free; termination is decided at `new_y`.
+        # Both residuals come for free; termination is decided at `new_y`. At the
+        # first step z = y0, so the residual at y0 is the divergence reference.
         g_z = (f_z**ω - z**ω).ω
         g_y = (f_y**ω - new_y**ω).ω
-        abs_z = two_norm(g_z, dtype)
-        abs_y = two_norm(g_y, dtype)
-        rel_y = abs_y / two_norm(f_y, dtype)
-        rel_z = abs_z / two_norm(f_z, dtype)
-        with jax.numpy_dtype_promotion("standard"):
-            converged = self.termination.converged(
-                self.rtol, self.atol, self.norm, g_y, f_y
-            )
-
-        # Safe termination, as in `AbstractDescentSearchSolver`. At the first step
-        # z = y0, so `abs_z` is the residual at y0.
-        initial_residual = jnp.where(state.first_step, abs_z, state.initial_residual)
-        diverged = self.termination.diverged(
-            abs_z, initial_residual
-        ) | self.termination.diverged(abs_y, initial_residual)
-        best_abs_residual = state.best_abs_residual
-        best_rel_residual = state.best_rel_residual
-        # Ignores NaNs, unlike `jnp.minimum`.
-        for residual, rel in ((abs_z, rel_z), (abs_y, rel_y)):
-            improved = residual < best_abs_residual
-            best_abs_residual = jnp.where(improved, residual, best_abs_residual)
-            best_rel_residual = jnp.where(improved, rel, best_rel_residual)
-        stall_reference, steps_since_progress, stalled = self.termination.stall(
-            best_abs_residual, state.stall_reference, state.steps_since_progress
-        )
-
-        if state.residual_history is None:
-            history = None
-        else:
-            index = state.num_fn_evals
-            history = state.residual_history.at[index].set(abs_z, mode="drop")
-            history = history.at[index + 1].set(abs_y, mode="drop")
-
+        progress = state.progress.observe(self, z, f_z, g_z, aux, is_iterate=False)
+        progress = progress.observe(self, new_y, f_y, g_y, aux).end_step(self)
         checkpoints = state.checkpoints
         if checkpoints is not None:
-            checkpoints = checkpoints.record(state.num_accepted_steps + 1, new_y, new_z)
+            checkpoints = checkpoints.record(progress.num_steps, new_y, new_z)
         new_state = _ReversibleState(
-            first_step=jnp.array(False),
-            z=new_z,
-            checkpoints=checkpoints,
-            converged=converged,
-            diverged=diverged,
-            stalled=stalled,
-            initial_residual=initial_residual,
-            stall_reference=stall_reference,
-            steps_since_progress=steps_since_progress,
-            num_fn_evals=state.num_fn_evals + 2,
-            num_accepted_steps=state.num_accepted_steps + 1,
-            abs_residual=abs_y,
-            rel_residual=rel_y,
-            best_abs_residual=best_abs_residual,
-            best_rel_residual=best_rel_residual,
-            residual_history=history,
+            z=new_z, checkpoints=checkpoints, progress=progress
         )
         return new_y, new_state, aux
 
-    def terminate(self, fn, y, args, options, state, tags):
+    def terminate(
+        self,
+        fn: Fn,
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _ReversibleState[Y, Aux],
+        tags: frozenset[object],
+    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
         del fn, y, args, tags
-        return terminate_result(
-            state.converged,
-            state.diverged,
-            state.stalled,
-            state.num_accepted_steps,
-            options,
-        )
+        return state.progress.terminate(options)
 
-    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+    def postprocess(
+        self,
+        fn: Fn,
+        y: Y,
+        aux: Aux,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _ReversibleState[Y, Aux],
+        tags: frozenset[object],
+        result: optx.RESULTS,
+    ) -> tuple[Y, Aux, dict[str, Any]]:
         del fn, args, options, tags
-        detailed = detailed_result(result, state.stalled)
-        stats = {
-            "num_fn_evals": state.num_fn_evals,
-            "num_accepted_steps": state.num_accepted_steps,
-            "abs_residual": state.abs_residual,
-            "rel_residual": state.rel_residual,
-            "best_abs_residual": state.best_abs_residual,
-            "best_rel_residual": state.best_rel_residual,
-            "result": detailed,
-        }
-        if state.residual_history is not None:
-            stats["residual_history"] = state.residual_history
-        return y, aux, stats
+        return state.progress.finish(y, aux, result)
 
 
 Reversible.__init__.__doc__ = """**Arguments:**
