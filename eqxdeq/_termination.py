@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+from jax.core import Tracer
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, Scalar
 
 from ._custom_types import Aux, Y
@@ -368,7 +369,7 @@ def check_options(
             f"{sorted(allowed)}."
         )
     budget = options.get("step_budget", None)
-    if budget is None or isinstance(budget, jax.core.Tracer):
+    if budget is None or isinstance(budget, Tracer):
         return
     if isinstance(budget, (jax.Array, np.ndarray)):
         if budget.shape != () or not jnp.issubdtype(budget.dtype, jnp.integer):

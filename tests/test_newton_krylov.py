@@ -2,6 +2,8 @@
 contractive and non-contractive layers, its Jacobian-vector-product count, and the
 Jacobian-descent mechanism of the generic loop."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -37,7 +39,7 @@ def _per_sample(solver, fn, y0, args, max_steps=200):
     return jax.jit(jax.vmap(solve))(y0, bias)
 
 
-_LINE_SEARCH = dict(pseudo_time_step=None, line_search=True)
+_LINE_SEARCH: dict[str, Any] = dict(pseudo_time_step=None, line_search=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -140,7 +142,9 @@ def test_jvp_count_in_stats():
     # Every step is accepted (no line search): one Krylov solve per step except
     # after the last (converged) evaluation.
     assert sol.stats["num_accepted_steps"] == sol.stats["num_fn_evals"]
-    restart = min(eqxdeq.NewtonKrylovDescent.linear_solver.restart, y0.size)
+    linear_solver = eqxdeq.NewtonKrylovDescent.linear_solver
+    assert isinstance(linear_solver, lx.GMRES)
+    restart = min(linear_solver.restart, y0.size)
     steps = sol.stats["num_linear_steps"]
     # One Krylov solve per accepted step (after the last one the solve stops).
     solves = sol.stats["num_accepted_steps"]

@@ -122,6 +122,7 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
     ) -> _DescentSearchState[Y, Aux]:
         del fn, args, tags
         check_options(type(self).__name__, options, SOLVER_OPTIONS)
+        check_solver_fields(self, type(self).__name__, y=y)
         f_info_struct = _Residual(jax.eval_shape(lambda: y))
         reference = options.get("reference_residual", None)
         descent_state = self.descent.init(y, f_info_struct)
@@ -155,7 +156,11 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         step_size, _, _, search_state = self.search.step(
             jnp.array(True), y, y, f_info, f_info, state.search_state
         )
-        descent_state = self.descent.query(y, f_info, descent_state)
+        descent_state = self.descent.query(
+            y,
+            f_info,  # pyright: ignore[reportArgumentType]  (not a Jacobian descent)
+            descent_state,
+        )
         y_diff, _ = self.descent.step(jnp.asarray(step_size), descent_state)
         return _DescentSearchState(
             first_step=jnp.array(False),
@@ -260,13 +265,38 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         return y, aux, stats
 
 
-def check_solver_fields(solver, name: str):
-    """Validation shared by every named solver's `__check_init__`."""
+def check_solver_fields(solver, name: str, *, y: PyTree | None = None):
+    """Validation shared by every named solver's `__check_init__`: the tolerances,
+    the norm, `history_length`, `return_best` (where the solver has one) and the
+    termination. Traced values pass.
+
+    Called at trace time with the initial iterate `y` (from `init`), it instead
+    compares concrete tolerances with the precision of `y`'s dtype, warning with an
+    `eqxdeq.ToleranceWarning` if they cannot be reached.
+    """
+    # (Imported here: this function is the only part of this module that uses it.)
+    from .._validation import (
+        check_bool,
+        check_int,
+        check_norm,
+        check_real,
+        check_termination_fields,
+        check_tolerances,
+    )
+
+    if y is not None:
+        if is_python_number(solver.rtol) and is_python_number(solver.atol):
+            check_tolerances(name, solver.rtol, solver.atol, y)
+        return
     for field in ("rtol", "atol"):
-        value = getattr(solver, field)
-        if is_python_number(value) and not value >= 0:
-            raise ValueError(f"`{name}({field}=...)` must be non-negative.")
-    if not isinstance(solver.history_length, int) or solver.history_length < 0:
-        raise ValueError(f"`{name}(history_length=...)` must be a non-negative int.")
+        check_real(name, field, getattr(solver, field), lower=0)
+    check_norm(name, solver.norm, type(solver), rtol=solver.rtol, atol=solver.atol)
+    check_int(name, "history_length", solver.history_length, minimum=0)
+    if hasattr(solver, "return_best"):
+        check_bool(name, "return_best", solver.return_best)
     if not isinstance(solver.termination, Termination):
-        raise ValueError(f"`{name}(termination=...)` must be an `eqxdeq.Termination`.")
+        raise ValueError(
+            f"`{name}(termination=...)` must be an `eqxdeq.Termination`, got "
+            f"{type(solver.termination).__name__}."
+        )
+    check_termination_fields(solver.termination)

@@ -162,7 +162,7 @@ class Fallback(optx.AbstractFixedPointSolver[Y, Aux, _FallbackState]):
         return self.solvers[-1].atol
 
     @property
-    def norm(self) -> Callable[[PyTree], Scalar]:
+    def norm(self) -> Callable[[PyTree], Scalar]:  # pyright: ignore[reportIncompatibleMethodOverride]
         return self.solvers[-1].norm
 
     def init(
