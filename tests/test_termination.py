@@ -1,6 +1,8 @@
 """When a solve stops: the convergence criteria, divergence, stalls, `max_steps` and
 the runtime step budget."""
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import jax.random as jr
 import numpy as np
 import optimistix as optx
 import pytest
+from equinox.internal import ω
 
 import eqxdeq
 
@@ -268,3 +271,51 @@ def test_step_budget_under_vmap():
 
     sol = jax.vmap(solve)(budgets)
     assert jnp.array_equal(sol.stats["num_fn_evals"], budgets)
+
+
+class _MyPicard(optx.AbstractFixedPointSolver):
+    """The custom solver of docs/api/solvers.md ("Writing a solver")."""
+
+    rtol: float
+    atol: float
+    norm: Callable = optx.max_norm
+    termination: eqxdeq.Termination = eqxdeq.Termination()
+    damping: float = 0.5
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        return eqxdeq.Progress.start(y, aux_struct, keep_best=True, history_length=8)
+
+    def step(self, fn, y, args, options, state, tags):
+        f, aux = fn(y, args)
+        g = (f**ω - y**ω).ω
+        state = state.observe(self, y, f, g, aux).end_step(self)
+        return (y**ω + self.damping * g**ω).ω, state, aux
+
+    def terminate(self, fn, y, args, options, state, tags):
+        return state.terminate(options)
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return state.finish(y, aux, result)
+
+
+def test_a_custom_solver_gets_termination_and_stats_from_progress():
+    fn = lambda y, args: jnp.cos(y)
+    y0 = jnp.array(1.0)
+    sol = optx.fixed_point(fn, _MyPicard(1e-8, 1e-8), y0)
+    np.testing.assert_allclose(sol.value, 0.7390851332151607, rtol=1e-7)
+    same = optx.fixed_point(fn, eqxdeq.Picard(1e-8, 1e-8, relaxation=0.5), y0)
+    for key in ("num_fn_evals", "num_accepted_steps", "abs_residual"):
+        np.testing.assert_array_equal(sol.stats[key], same.stats[key])
+    assert set(sol.stats) >= set(same.stats) - {"residual_history"}
+    assert jnp.all(jnp.isfinite(sol.stats["residual_history"]))
+    # Step budget and divergence come for free.
+    short = optx.fixed_point(
+        fn, _MyPicard(1e-8, 1e-8), y0, options={"step_budget": 3}, throw=False
+    )
+    assert short.stats["num_fn_evals"] == 3
+    assert short.result == optx.RESULTS.nonlinear_max_steps_reached
+    grow = lambda y, args: 3.0 * y + 1.0
+    bad = optx.fixed_point(grow, _MyPicard(1e-8, 1e-8, damping=1.0), y0, throw=False)
+    assert bad.stats["result"] == eqxdeq.RESULTS.diverged
+    # The best iterate is returned: y0, where the residual was smallest.
+    np.testing.assert_array_equal(bad.value, y0)
