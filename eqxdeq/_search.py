@@ -9,7 +9,8 @@ import optimistix as optx
 from jaxtyping import Array, Bool, Int, Scalar, ScalarLike
 
 from ._custom_types import Y
-from ._misc import is_python_number, stats_dtype, tree_inner
+from ._misc import stats_dtype, tree_inner
+from ._validation import check_int, check_real
 
 
 _Residual = optx.FunctionInfo.Residual
@@ -69,20 +70,20 @@ class DerivativeFreeBacktracking(
     max_backtracks: int = 8
 
     def __check_init__(self):
-        checks = (
-            ("decrease_factor", lambda x: 0 < x < 1, "must be in (0, 1)"),
-            ("slope", lambda x: 0 <= x < 1, "must be in [0, 1)"),
-            ("step_init", lambda x: 0 < x <= 1, "must be in (0, 1]"),
-            ("nonmonotone", lambda x: x >= 0, "must be non-negative"),
+        name = "DerivativeFreeBacktracking"
+        check_real(
+            name,
+            "decrease_factor",
+            self.decrease_factor,
+            lower=0,
+            upper=1,
+            lower_open=True,
+            upper_open=True,
         )
-        if not isinstance(self.max_backtracks, int) or self.max_backtracks < 1:
-            raise ValueError(
-                "`DerivativeFreeBacktracking(max_backtracks=...)` must be an int >= 1."
-            )
-        for name, ok, message in checks:
-            value = getattr(self, name)
-            if is_python_number(value) and not ok(value):
-                raise ValueError(f"`DerivativeFreeBacktracking({name}=...)` {message}.")
+        check_real(name, "slope", self.slope, lower=0, upper=1, upper_open=True)
+        check_real(name, "step_init", self.step_init, lower=0, upper=1, lower_open=True)
+        check_real(name, "nonmonotone", self.nonmonotone, lower=0)
+        check_int(name, "max_backtracks", self.max_backtracks, minimum=1)
 
     def init(self, y: Y, f_info_struct: _Residual) -> _BacktrackingState:
         del f_info_struct

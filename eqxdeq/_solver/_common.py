@@ -1,7 +1,7 @@
 import optimistix as optx
 
-from .._misc import is_python_number
 from .._search import DerivativeFreeBacktracking
+from .._validation import check_real, describe
 
 
 COMMON_ARGUMENTS_DOC = """- `termination`: an [`eqxdeq.Termination`][]: the stopping
@@ -19,10 +19,11 @@ COMMON_ARGUMENTS_DOC = """- `termination`: an [`eqxdeq.Termination`][]: the stop
 
 def make_search(name: str, relaxation, line_search: bool) -> optx.AbstractSearch:
     """The search of a named solver: fixed damping, or backtracking from it."""
-    if is_python_number(relaxation) and not 0 < relaxation <= 1:
-        raise ValueError(f"`{name}(relaxation=...)` must be in (0, 1].")
+    check_real(name, "relaxation", relaxation, lower=0, lower_open=True, upper=1)
     if not isinstance(line_search, bool):
-        raise ValueError(f"`{name}(line_search=...)` must be a bool.")
+        raise ValueError(
+            f"`{name}(line_search=...)` must be a bool, got {describe(line_search)}."
+        )
     if line_search:
         return DerivativeFreeBacktracking(step_init=relaxation)
     return optx.LearningRate(relaxation)

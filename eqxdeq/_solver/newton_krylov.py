@@ -7,6 +7,7 @@ from jaxtyping import PyTree, Scalar
 from .._custom_types import Aux, Y
 from .._descent import NewtonKrylovDescent
 from .._termination import Termination
+from .._validation import check_newton_krylov_arguments
 from ._base import AbstractDescentSearchSolver, check_solver_fields
 from ._common import COMMON_ARGUMENTS_DOC, make_search
 
@@ -73,6 +74,7 @@ class NewtonKrylov(AbstractDescentSearchSolver[Y, Aux]):
         return_best: bool = True,
         history_length: int = 0,
     ):
+        check_newton_krylov_arguments(forcing, pseudo_time_step, line_search)
         if line_search is True and pseudo_time_step is not None:
             raise ValueError(
                 "`NewtonKrylov(line_search=True)` backtracks along the Newton "

@@ -14,7 +14,9 @@ from jax.core import Tracer
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._adjoint import ImplicitAdjoint, PhantomAdjoint
+from .._fixed_point import fixed_point
 from .._results import RESULTS
+from .._validation import check_bool
 from ..regularization import jacobian_spectral_radius
 from ._init import _cast_like, _matches, _struct, AbstractInit, Predictor, Zeros
 from ._norm import remove_norm, reset_norm
@@ -122,8 +124,9 @@ def _mean_square(x, y):
 class DEQ(eqx.Module):
     r"""A deep equilibrium layer: $z^\star = f(z^\star, x)$ for a cell $f$.
 
-    Calling it solves the fixed point with [`optimistix.fixed_point`][] and the given
-    solver and adjoint, and returns $z^\star$ with its [`eqxdeq.nn.DEQStats`][]:
+    Calling it solves the fixed point with [`eqxdeq.fixed_point`][] (that is,
+    [`optimistix.fixed_point`][] with precise errors) and the given solver and
+    adjoint, and returns $z^\star$ with its [`eqxdeq.nn.DEQStats`][]:
 
     ```python
     z_star, stats = deq(x, key=key)
@@ -211,6 +214,11 @@ class DEQ(eqx.Module):
             or self.spectral_radius_iters < 0
         ):
             raise ValueError("`DEQ(spectral_radius_iters=...)` must be an int >= 0.")
+        if not isinstance(self.throw, bool):
+            raise ValueError(
+                f"`DEQ(throw=...)` must be True or False, got {self.throw!r}."
+            )
+        check_bool("DEQ", "inference", self.inference)
         _check_latent(self.latent)
 
     def _struct(self, x):
@@ -330,7 +338,7 @@ class DEQ(eqx.Module):
         cell, state, z0, key, inference = self._prepare(x, state, z0, key, inference)
         solver, max_steps = self._settings(inference)
         options = {} if step_budget is None else {"step_budget": step_budget}
-        sol = optx.fixed_point(
+        sol = fixed_point(
             _cell_fn,
             solver,
             z0,
@@ -361,7 +369,7 @@ class DEQ(eqx.Module):
 
         The solve is cut into segments at the cumulative step counts `indexing`
         (default: `n_states` equal segments of `max_steps`). Each segment is one
-        `optx.fixed_point` call started from the previous segment's state (without
+        `eqxdeq.fixed_point` call started from the previous segment's state (without
         gradient) with that many steps; the state it ends at gets the gradient of
         `correction_adjoint` (default: one unrolled step, a phantom gradient), and the
         last segment is the real solve with the layer's `adjoint`. A solve that
@@ -390,7 +398,7 @@ class DEQ(eqx.Module):
         states, z, evals, steps = [], z0, 0, 0
         start = 0
         for bound in bounds[:-1]:
-            sol = optx.fixed_point(
+            sol = fixed_point(
                 _cell_fn,
                 solver,
                 lax.stop_gradient(z),
@@ -403,7 +411,7 @@ class DEQ(eqx.Module):
             steps = steps + sol.stats["num_steps"]
             z, start = sol.value, bound
             states.append(z)
-        sol = optx.fixed_point(
+        sol = fixed_point(
             _cell_fn,
             solver,
             lax.stop_gradient(z),
@@ -446,7 +454,9 @@ DEQ.__init__.__doc__ = r"""**Arguments:**
 - `spectral_radius_iters`: if positive, `stats.spectral_radius` estimates the
     spectral radius of $\partial f/\partial z$ at $z^\star$ by this many power
     iterations (torchdeq's `sradius_mode`); costs that many Jacobian-vector products.
-- `throw`: passed to `optx.fixed_point`; default `False` (read `stats.result`).
+- `throw`: passed to [`eqxdeq.fixed_point`][]: `True` raises on a failed solve, with
+    eqxdeq's precise reason (e.g. a stall rather than a divergence); default `False`
+    (read `stats.result`).
 - `inference`: the inference flag, as for [`equinox.nn.Dropout`][].
 """
 

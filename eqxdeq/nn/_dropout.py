@@ -17,6 +17,8 @@ import jax.random as jr
 from equinox import AbstractVar
 from jaxtyping import Array, PRNGKeyArray
 
+from .._validation import check_real, describe
+
 
 def _normalise_axes(axes: int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     if isinstance(axes, int):
@@ -48,14 +50,16 @@ class AbstractVariationalDropout(eqx.Module):
     inference: AbstractVar[bool]
 
     def __check_init__(self):
-        # Traced or array-valued `p` (e.g. under `eqx.tree_at`) is not checked.
-        if isinstance(self.p, bool) or (
-            isinstance(self.p, int | float) and not 0 <= self.p < 1
-        ):
+        # A traced `p` (e.g. under `eqx.tree_at`) is not checked.
+        try:
+            check_real(
+                type(self).__name__, "p", self.p, lower=0, upper=1, upper_open=True
+            )
+        except ValueError:
             raise ValueError(
                 f"`{type(self).__name__}(p=...)` must be a probability in [0, 1); "
-                f"got {self.p!r}."
-            )
+                f"got {describe(self.p)}."
+            ) from None
 
     @abc.abstractmethod
     def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -10,6 +10,8 @@ import jax.random as jr
 import jax.tree_util as jtu
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from .._validation import check_real, describe
+
 
 def _leaf_like(leaf):
     if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -103,6 +105,9 @@ class HalfNormal(AbstractInit):
 
     scale: float = 1.0
 
+    def __check_init__(self):
+        check_real("HalfNormal", "scale", self.scale, lower=0)
+
     def __call__(self, x, struct, *, key=None):
         del x
         if key is None:
@@ -132,6 +137,13 @@ class Predictor(AbstractInit):
     """
 
     predictor: Callable
+
+    def __check_init__(self):
+        if not callable(self.predictor):
+            raise ValueError(
+                "`Predictor(predictor=...)` must be callable as `predictor(x)` (e.g. "
+                f"an equinox module), got {describe(self.predictor)}."
+            )
 
     def __call__(self, x, struct, *, key=None):
         del key
