@@ -13,6 +13,7 @@ from ._descent import (
     NewtonKrylovDescent as NewtonKrylovDescent,
     PicardDescent as PicardDescent,
 )
+from ._fixed_point import fixed_point as fixed_point
 from ._linear_solver import Neumann as Neumann, Richardson as Richardson
 from ._results import RESULTS as RESULTS
 from ._search import DerivativeFreeBacktracking as DerivativeFreeBacktracking
@@ -28,6 +29,10 @@ from ._solver import (
     SteadyState as SteadyState,
 )
 from ._termination import Termination as Termination
+from ._validation import (
+    min_tolerance as min_tolerance,
+    ToleranceWarning as ToleranceWarning,
+)
 
 
 __version__ = "0.1.0"
