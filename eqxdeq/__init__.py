@@ -28,7 +28,11 @@ from ._solver import (
     Reversible as Reversible,
     SteadyState as SteadyState,
 )
-from ._termination import Termination as Termination
+from ._termination import (
+    AbstractProgressSolver as AbstractProgressSolver,
+    Progress as Progress,
+    Termination as Termination,
+)
 from ._validation import (
     min_tolerance as min_tolerance,
     ToleranceWarning as ToleranceWarning,

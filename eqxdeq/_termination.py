@@ -1,18 +1,21 @@
 """When a fixed-point solve stops, and the bookkeeping behind it: one home for
 termination and statistics, shared by every eqxdeq solver."""
 
+import abc
 import dataclasses
-from typing import Any, Generic, Literal
+from collections.abc import Callable
+from typing import Any, Generic, Literal, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+from equinox import AbstractVar
 from jax.core import Tracer
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, Scalar
 
-from ._custom_types import Aux, Y
+from ._custom_types import Aux, Fn, Y
 from ._misc import (
     is_python_number,
     stats_dtype,
@@ -349,6 +352,65 @@ class Progress(eqx.Module, Generic[Y, Aux]):
         if self.residual_history is not None:
             stats["residual_history"] = self.residual_history
         return y, aux, stats
+
+
+_State = TypeVar("_State")
+
+
+class AbstractProgressSolver(optx.AbstractFixedPointSolver[Y, Aux, _State]):
+    """A fixed-point solver whose state keeps an [`eqxdeq.Progress`][] in a field
+    named `progress`: `terminate` and `postprocess` come from it, so a subclass
+    implements `init` and `step` (and `extra_stats`) only. Every eqxdeq solver but
+    [`eqxdeq.Fallback`][] is one, and [`eqxdeq.Fallback`][] relies on it: it reads
+    a stage's `progress` to hand over from its best iterate.
+    """
+
+    rtol: AbstractVar[float]
+    atol: AbstractVar[float]
+    norm: AbstractVar[Callable[[PyTree], Scalar]]
+    termination: AbstractVar[Termination]
+
+    @abc.abstractmethod
+    def extra_stats(self, state: _State) -> dict[str, Any]:
+        """Solver-specific `sol.stats` keys besides the common ones (e.g.
+        Newton–Krylov's Jacobian-vector products); `{}` for none."""
+
+    def terminate(
+        self,
+        fn: Fn,
+        y: Y,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _State,
+        tags: frozenset[object],
+    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
+        del fn, y, args, tags
+        return _progress_of(state).terminate(options)
+
+    def postprocess(
+        self,
+        fn: Fn,
+        y: Y,
+        aux: Aux,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _State,
+        tags: frozenset[object],
+        result: optx.RESULTS,
+    ) -> tuple[Y, Aux, dict[str, Any]]:
+        del fn, args, options, tags
+        y, aux, stats = _progress_of(state).finish(y, aux, result)
+        return y, aux, {**stats, **self.extra_stats(state)}
+
+
+def _progress_of(state: Any) -> Progress:
+    progress = getattr(state, "progress", None)
+    if not isinstance(progress, Progress):
+        raise TypeError(
+            "An `eqxdeq.AbstractProgressSolver`'s state must have a field "
+            f"`progress: eqxdeq.Progress`, got {type(state).__name__}."
+        )
+    return progress
 
 
 # The `options` of every eqxdeq solver, and those of the descent+search solvers,

@@ -273,7 +273,11 @@ def test_step_budget_under_vmap():
     assert jnp.array_equal(sol.stats["num_fn_evals"], budgets)
 
 
-class _MyPicard(optx.AbstractFixedPointSolver):
+class _MyState(eqx.Module):
+    progress: eqxdeq.Progress
+
+
+class _MyPicard(eqxdeq.AbstractProgressSolver):
     """The custom solver of docs/api/solvers.md ("Writing a solver")."""
 
     rtol: float
@@ -283,19 +287,19 @@ class _MyPicard(optx.AbstractFixedPointSolver):
     damping: float = 0.5
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        return eqxdeq.Progress.start(y, aux_struct, keep_best=True, history_length=8)
+        progress = eqxdeq.Progress.start(
+            y, aux_struct, keep_best=True, history_length=8
+        )
+        return _MyState(progress)
 
     def step(self, fn, y, args, options, state, tags):
         f, aux = fn(y, args)
         g = (f**ω - y**ω).ω
-        state = state.observe(self, y, f, g, aux).end_step(self)
-        return (y**ω + self.damping * g**ω).ω, state, aux
+        progress = state.progress.observe(self, y, f, g, aux).end_step(self)
+        return (y**ω + self.damping * g**ω).ω, _MyState(progress), aux
 
-    def terminate(self, fn, y, args, options, state, tags):
-        return state.terminate(options)
-
-    def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        return state.finish(y, aux, result)
+    def extra_stats(self, state):
+        return {}
 
 
 def test_a_custom_solver_gets_termination_and_stats_from_progress():
@@ -319,3 +323,10 @@ def test_a_custom_solver_gets_termination_and_stats_from_progress():
     assert bad.stats["result"] == eqxdeq.RESULTS.diverged
     # The best iterate is returned: y0, where the residual was smallest.
     np.testing.assert_array_equal(bad.value, y0)
+    # And it is a stage that Fallback hands over from at its best iterate.
+    fallback = eqxdeq.Fallback(
+        _MyPicard(1e-8, 1e-8, damping=1.0), eqxdeq.Anderson(1e-8, 1e-8)
+    )
+    sol = optx.fixed_point(lambda y, args: -2.0 * y + 1.0, fallback, y0)
+    np.testing.assert_allclose(sol.value, 1 / 3, rtol=1e-7)
+    assert sol.stats["stage"] == 1

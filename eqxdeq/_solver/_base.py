@@ -16,7 +16,13 @@ from jaxtyping import Array, Bool, PyTree, Scalar
 from .._custom_types import Aux, Fn, Y
 from .._descent import AbstractJacobianDescent
 from .._misc import is_python_number, tree_where, tree_zeros_like_struct, ω
-from .._termination import check_options, Progress, SOLVER_OPTIONS, Termination
+from .._termination import (
+    AbstractProgressSolver,
+    check_options,
+    Progress,
+    SOLVER_OPTIONS,
+    Termination,
+)
 
 
 _Residual = optx.FunctionInfo.Residual
@@ -56,7 +62,7 @@ class _DescentSearchState(eqx.Module, Generic[Y, Aux]):
     progress: Progress[Y, Aux]
 
 
-class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
+class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
     r"""The generic fixed-point solver: every eqxdeq solver is one of these, with a
     particular descent and search.
 
@@ -235,34 +241,10 @@ class AbstractDescentSearchSolver(optx.AbstractFixedPointSolver[Y, Aux, Any]):
         )
         return new_y, new_state, aux
 
-    def terminate(
-        self,
-        fn: Fn,
-        y: Y,
-        args: PyTree,
-        options: dict[str, Any],
-        state: _DescentSearchState[Y, Aux],
-        tags: frozenset[object],
-    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
-        del fn, y, args, tags
-        return state.progress.terminate(options)
-
-    def postprocess(
-        self,
-        fn: Fn,
-        y: Y,
-        aux: Aux,
-        args: PyTree,
-        options: dict[str, Any],
-        state: _DescentSearchState[Y, Aux],
-        tags: frozenset[object],
-        result: optx.RESULTS,
-    ) -> tuple[Y, Aux, dict[str, Any]]:
-        del fn, args, options, tags
-        y, aux, stats = state.progress.finish(y, aux, result)
+    def extra_stats(self, state: _DescentSearchState[Y, Aux]) -> dict[str, Any]:
         if isinstance(self.descent, AbstractJacobianDescent):
-            stats.update(self.descent.stats(state.descent_state))
-        return y, aux, stats
+            return self.descent.stats(state.descent_state)
+        return {}
 
 
 def check_solver_fields(solver, name: str, *, y: PyTree | None = None):

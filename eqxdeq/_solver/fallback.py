@@ -10,10 +10,8 @@ from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
 from .._custom_types import Aux, Fn, Y
 from .._misc import tree_where, ω
-from .._termination import BASIC_OPTIONS, check_options, Progress
+from .._termination import AbstractProgressSolver, BASIC_OPTIONS, check_options
 from ._base import AbstractDescentSearchSolver
-from .reversible import Reversible
-from .steady_state import SteadyState
 
 
 class _FallbackState(eqx.Module):
@@ -29,15 +27,9 @@ def _handover_options(solver: optx.AbstractFixedPointSolver) -> tuple[str, ...]:
     """The `options` through which a stage can continue another's solve."""
     if isinstance(solver, AbstractDescentSearchSolver):
         return ("y0_evaluation", "reference_residual")
-    if isinstance(solver, (Reversible, SteadyState)):
+    if isinstance(solver, AbstractProgressSolver):
         return ("reference_residual",)
     return ()
-
-
-def _progress(state: Any) -> Progress | None:
-    """An eqxdeq solver's shared bookkeeping, if `state` is one's."""
-    progress = getattr(state, "progress", None)
-    return progress if isinstance(progress, Progress) else None
 
 
 def _concatenate_histories(histories, counts):
@@ -73,8 +65,9 @@ class Fallback(optx.AbstractFixedPointSolver[Y, Aux, _FallbackState]):
 
     **Stages** are any `optimistix.AbstractFixedPointSolver`s. They talk to
     `Fallback` through optimistix's solver interface (`init`, `step`, `terminate`,
-    `postprocess`) and, for eqxdeq's solvers, the [`eqxdeq.Progress`][] in their
-    state and two `options`:
+    `postprocess`) and, for eqxdeq's solvers
+    ([`eqxdeq.AbstractProgressSolver`][]s), the [`eqxdeq.Progress`][] in their state
+    and two `options`:
 
     - the handover point is the best iterate in the failed stage's `Progress` (its
         smallest $\|f(y) - y\|_2$), or, for a stage that keeps none
@@ -216,7 +209,9 @@ class Fallback(optx.AbstractFixedPointSolver[Y, Aux, _FallbackState]):
                     failed = failed | (
                         jnp.invert(converged) & (stage_num_steps[i] >= limit)
                     )
-                progress = _progress(stage_state)
+                progress = None
+                if isinstance(solver, AbstractProgressSolver):
+                    progress = stage_state.progress
                 options_next = {}
                 following = self.solvers[i + 1]
                 allowed = _handover_options(following)

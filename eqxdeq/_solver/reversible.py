@@ -7,11 +7,17 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
-from jaxtyping import Array, Bool, Int, PyTree, Scalar
+from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._custom_types import Aux, Fn, Y
 from .._misc import buffer_set, history_buffer, is_python_number, ω
-from .._termination import BASIC_OPTIONS, check_options, Progress, Termination
+from .._termination import (
+    AbstractProgressSolver,
+    BASIC_OPTIONS,
+    check_options,
+    Progress,
+    Termination,
+)
 from ._base import check_solver_fields
 
 
@@ -129,7 +135,7 @@ class _ReversibleState(eqx.Module, Generic[Y, Aux]):
 _OPTIONS = BASIC_OPTIONS + ("reference_residual",)
 
 
-class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
+class Reversible(AbstractProgressSolver[Y, Aux, _ReversibleState]):
     r"""The reversible fixed-point iteration of Reversible Deep Equilibrium Models.
 
     Two coupled sequences, started from $y_0 = z_0 = $ `y0`, with relaxation
@@ -246,31 +252,9 @@ class Reversible(optx.AbstractFixedPointSolver[Y, Aux, _ReversibleState]):
         )
         return new_y, new_state, aux
 
-    def terminate(
-        self,
-        fn: Fn,
-        y: Y,
-        args: PyTree,
-        options: dict[str, Any],
-        state: _ReversibleState[Y, Aux],
-        tags: frozenset[object],
-    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
-        del fn, y, args, tags
-        return state.progress.terminate(options)
-
-    def postprocess(
-        self,
-        fn: Fn,
-        y: Y,
-        aux: Aux,
-        args: PyTree,
-        options: dict[str, Any],
-        state: _ReversibleState[Y, Aux],
-        tags: frozenset[object],
-        result: optx.RESULTS,
-    ) -> tuple[Y, Aux, dict[str, Any]]:
-        del fn, args, options, tags
-        return state.progress.finish(y, aux, result)
+    def extra_stats(self, state: _ReversibleState[Y, Aux]) -> dict[str, Any]:
+        del state
+        return {}
 
 
 Reversible.__init__.__doc__ = """**Arguments:**
