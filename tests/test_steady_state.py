@@ -165,11 +165,13 @@ def test_jit_and_vmap():
 
 
 def test_converged_at_y0_costs_one_evaluation():
+    """`init` evaluates nothing; the first step evaluates `f` at `y0` only."""
     fn, y0, args = tanh_problem(jr.PRNGKey(4), radius=0.5)
     y_star = dense_fixed_point(fn, y0, args)
     sol = optx.fixed_point(fn, SOLVERS[jnp.float64], y_star, args, max_steps=MAX_STEPS)
-    assert sol.stats["num_steps"] == 0
+    assert sol.stats["num_steps"] == 1
     assert sol.stats["num_fn_evals"] == 1
+    assert sol.stats["num_accepted_steps"] == 0
 
 
 #
@@ -192,53 +194,62 @@ def _counted(fn):
 
 
 _SOLVERS = {
-    # name: (diffrax solver, controller or None, evaluations per step)
-    "tsit5": (diffrax.Tsit5(), None, 6),
-    "dopri5": (diffrax.Dopri5(), None, 6),
-    "bosh3": (diffrax.Bosh3(), None, 3),
-    "heun": (diffrax.Heun(), None, 3),
-    "midpoint": (diffrax.Midpoint(), None, 3),
-    "euler": (diffrax.Euler(), diffrax.ConstantStepSize(), 1),
-    # Reversible Heun is not dissipative, so it does not reach the steady state.
-    "reversible_heun": (diffrax.ReversibleHeun(), None, 2),
+    # name: (diffrax solver, controller or None, evaluations per ODE step, FSAL)
+    "tsit5": (diffrax.Tsit5(), None, 7, True),
+    "dopri5": (diffrax.Dopri5(), None, 7, True),
+    "bosh3": (diffrax.Bosh3(), None, 4, True),
+    "heun": (diffrax.Heun(), None, 3, False),
+    "midpoint": (diffrax.Midpoint(), None, 3, False),
+    "euler": (diffrax.Euler(), diffrax.ConstantStepSize(), 2, False),
 }
 
 
 @pytest.mark.parametrize("name", list(_SOLVERS))
 def test_num_fn_evals_is_exact(name):
-    solver, controller, per_step = _SOLVERS[name]
+    """One evaluation at `y0`, then per ODE step the solver's stages plus one at the
+    new point; a FSAL solver's stages include the new point, and it evaluates one
+    stage more (its first) in the steps before the first accepted one."""
+    solver, controller, per_step, fsal = _SOLVERS[name]
     fn, y0, args = tanh_problem(jr.PRNGKey(5), radius=0.5)
     counted, count = _counted(fn)
     steady = eqxdeq.SteadyState(
         1e-6, 1e-6, solver=solver, stepsize_controller=controller, dt0=0.5
     )
-    max_steps = 30 if name == "reversible_heun" else MAX_STEPS
-    sol = optx.fixed_point(
-        counted, steady, y0, args, max_steps=max_steps, throw=name != "reversible_heun"
-    )
-    if name != "reversible_heun":
-        assert sol.result == optx.RESULTS.successful
+    sol = optx.fixed_point(counted, steady, y0, args, max_steps=MAX_STEPS)
+    assert sol.result == optx.RESULTS.successful
     assert sol.stats["num_fn_evals"] == count[0]
-    assert count[0] == 1 + per_step * sol.stats["num_steps"]
+    num_steps, accepted = sol.stats["num_steps"], sol.stats["num_accepted_steps"]
+    extra = count[0] - 1 - per_step * (num_steps - 1)
+    if fsal:
+        # (At most every rejected step before the first accepted one, plus that one.)
+        assert 1 <= extra <= num_steps - accepted
+    else:
+        assert extra == 0
     if name == "tsit5":
-        assert sol.stats["num_steps"] > sol.stats["num_accepted_steps"]  # rejections
+        assert num_steps - 1 > accepted  # rejections
 
 
-def test_aux_is_evaluated_once_at_the_end():
+@pytest.mark.parametrize("max_steps", [MAX_STEPS, 5])
+def test_aux_costs_no_evaluation(max_steps):
+    """The aux output comes from the evaluation at the returned iterate (the best
+    one, when the solve does not converge): no evaluation in `postprocess`."""
     fn, y0, args = tanh_problem(jr.PRNGKey(6), radius=0.5)
     counted, count = _counted(lambda y, a: (fn(y, a), {"sum": jnp.sum(y)}))
+    solver = eqxdeq.SteadyState(1e-8, 1e-8)
     sol = optx.fixed_point(
-        counted, eqxdeq.SteadyState(1e-8, 1e-8), y0, args, has_aux=True
+        counted, solver, y0, args, has_aux=True, max_steps=max_steps, throw=False
     )
-    assert sol.stats["num_fn_evals"] == count[0]
-    assert count[0] == 2 + 6 * sol.stats["num_steps"]
+    plain = optx.fixed_point(fn, solver, y0, args, max_steps=max_steps, throw=False)
+    assert sol.stats["num_fn_evals"] == count[0] == plain.stats["num_fn_evals"]
+    assert (sol.result == optx.RESULTS.successful) == (max_steps == MAX_STEPS)
     assert jnp.allclose(sol.aux["sum"], jnp.sum(sol.value))
 
 
 @pytest.mark.parametrize("relaxation", [1.0, 0.5])
 def test_euler_is_picard(relaxation):
     """One Euler step of size β on dz/dt = f(z) - z is one Picard step with
-    relaxation β: the same iterates and the same evaluations."""
+    relaxation β: the same iterates and steps, at two evaluations per step (diffrax's
+    Euler evaluates `f` at the start of the step, where the residual is known)."""
     fn, y0, args = tanh_problem(jr.PRNGKey(7), radius=0.9)
     steady = eqxdeq.SteadyState(
         1e-8,
@@ -253,9 +264,8 @@ def test_euler_is_picard(relaxation):
     sol_p = optx.fixed_point(fn, picard, y0, args, max_steps=MAX_STEPS)
     assert sol_s.result == sol_p.result == optx.RESULTS.successful
     assert set(sol_s.stats) == set(sol_p.stats) == STATS_KEYS | {"residual_history"}
-    assert sol_s.stats["num_fn_evals"] == sol_p.stats["num_fn_evals"]
-    # Picard's last step evaluates f at the iterate it returns.
-    assert sol_s.stats["num_steps"] + 1 == sol_p.stats["num_steps"]
+    assert sol_s.stats["num_steps"] == sol_p.stats["num_steps"]
+    assert sol_s.stats["num_fn_evals"] == 2 * sol_p.stats["num_fn_evals"] - 1
     assert _max_error(sol_s.value, sol_p.value) < 1e-14
     history_s = sol_s.stats["residual_history"]
     history_p = sol_p.stats["residual_history"]
@@ -318,13 +328,32 @@ def test_return_best_and_history():
     sol = optx.fixed_point(fn, solver, y0, args, max_steps=6, throw=False)
     history = sol.stats["residual_history"]
     assert history.shape == (8,)
-    assert bool(jnp.all(jnp.isfinite(history[:7]))) and bool(jnp.isnan(history[7]))
+    # `y0`, then the end of each of the 5 ODE steps.
+    assert bool(jnp.all(jnp.isfinite(history[:6])))
+    assert bool(jnp.all(jnp.isnan(history[6:])))
     assert history[0] == jnp.linalg.norm(fn(y0, args) - y0)
     # Not converged: the returned iterate is the best one seen.
-    assert jnp.allclose(sol.stats["abs_residual"], jnp.min(history[:7]))
+    assert jnp.allclose(sol.stats["abs_residual"], jnp.min(history[:6]))
     assert jnp.allclose(
         jnp.linalg.norm(fn(sol.value, args) - sol.value), sol.stats["abs_residual"]
     )
+
+
+def test_options():
+    """Divergence is measured against `options["reference_residual"]` (as
+    `eqxdeq.Fallback` sets it) rather than the residual at `y0`; `y0_evaluation`
+    is not an option of `SteadyState`."""
+    fn, y0, args = tanh_problem(jr.PRNGKey(8), radius=0.9)
+    reference = jnp.linalg.norm(fn(y0, args) - y0) / 10
+    termination = eqxdeq.Termination(divergence_factor=2.0)
+    solver = eqxdeq.SteadyState(1e-10, 1e-10, termination=termination)
+    options = {"reference_residual": reference}
+    sol = optx.fixed_point(fn, solver, y0, args, options=options, throw=False)
+    assert sol.stats["result"] == eqxdeq.RESULTS.diverged
+    assert sol.stats["num_steps"] == 1
+    with pytest.raises(ValueError, match="y0_evaluation"):
+        options = {"y0_evaluation": (fn(y0, args), None)}
+        optx.fixed_point(fn, solver, y0, args, options=options)
 
 
 def test_validation():
@@ -341,6 +370,9 @@ def test_validation():
         eqxdeq.SteadyState(1e-6, 1e-6, solver=diffrax.Kvaerno5())
     with pytest.raises(ValueError, match="solver"):
         eqxdeq.SteadyState(1e-6, 1e-6, solver=diffrax.SemiImplicitEuler())
+    # Not dissipative (no steady state), and its `init` evaluates the vector field.
+    with pytest.raises(ValueError, match="solver"):
+        eqxdeq.SteadyState(1e-6, 1e-6, solver=diffrax.ReversibleHeun())
     with pytest.raises(ValueError, match="stepsize_controller"):
         eqxdeq.SteadyState(1e-6, 1e-6, solver=diffrax.Euler())
     with pytest.raises((ValueError, TypeError), match="stepsize_controller"):
@@ -349,20 +381,6 @@ def test_validation():
         eqxdeq.SteadyState(-1.0, 1e-6)
     with pytest.raises(ValueError, match="history_length"):
         eqxdeq.SteadyState(1e-6, 1e-6, history_length=-1)
-
-
-def test_fsal_state_layout():
-    """The private diffrax layout that `SteadyState` relies on to reuse the
-    residual as the first stage of a FSAL Runge–Kutta step."""
-    y = {"a": jnp.zeros(3)}
-    term = diffrax.ODETerm(lambda t, y, args: y)
-    for solver in (diffrax.Tsit5(), diffrax.Dopri5(), diffrax.Bosh3()):
-        assert solver.tableau.fsal
-        state = solver.init(term, 0.0, 1.0, y, None)
-        assert isinstance(state, tuple) and len(state) == 2
-        assert jtu.tree_structure(state[1]) == jtu.tree_structure(y)
-    for solver in (diffrax.Heun(), diffrax.Midpoint()):
-        assert not solver.tableau.fsal
 
 
 #
