@@ -6,33 +6,34 @@ They are [`optimistix.AbstractDescent`][]s fed
 [`optimistix.FunctionInfo.Residual`][], so they compose with any
 [`optimistix.AbstractSearch`][] that accepts that (e.g. [`optimistix.LearningRate`][]
 or [`eqxdeq.DerivativeFreeBacktracking`][]).
+
+Anderson's and Broyden's histories are kept as flat `(memory, size)` buffers: the
+state is ravelled into one vector once per step (free for a single array), so the
+dense algebra is a handful of matrix-vector products and the history is updated
+one row at a time, in place.
 """
 
+import math
 from typing import Generic
 
 import equinox as eqx
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
+import jax.scipy as jsp
 import jax.tree_util as jtu
 import optimistix as optx
-from jaxtyping import Array, Bool, Inexact, Int, Scalar
+from jaxtyping import Array, Bool, Inexact, Int, PyTree, Scalar
 
 from .._custom_types import Y
 from .._misc import (
-    batched_combine,
-    batched_inner,
-    buffer_set,
-    field_dtype,
-    history_buffer,
+    complex_dtype,
     is_complex,
     is_python_number,
     real_dtype,
     stats_dtype,
-    tree_allfinite,
-    tree_inner,
     tree_scale,
-    tree_where,
     two_norm,
-    ω,
 )
 
 
@@ -41,6 +42,103 @@ _Residual = optx.FunctionInfo.Residual
 
 def _zeros_like(struct):
     return jnp.zeros(struct.shape, struct.dtype)
+
+
+# Flat vectors. A pytree state is one vector of a single dtype: complex if every
+# floating leaf is complex (the space is ℂⁿ, inner products conjugate their first
+# argument), else real, with each complex leaf stored as its real and imaginary
+# parts (a pytree mixing real and complex leaves is the real vector space ℝ²ⁿ ⊕ …).
+# The small algebra (Gram matrices, mixing coefficients, inner products) runs in
+# `_small_dtype`: the vector's field at the precision of `stats_dtype` (at least
+# float32, also for bfloat16 states).
+
+
+def _vector_dtype(tree: PyTree) -> jnp.dtype:
+    dtypes = [jnp.result_type(x) for x in jtu.tree_leaves(tree)]
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(*dtypes)
+    inexact = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
+    if is_complex(dtype) and not all(is_complex(d) for d in inexact):
+        dtype = real_dtype(dtype)
+    return dtype
+
+
+def _small_dtype(tree: PyTree) -> jnp.dtype:
+    dtype = stats_dtype(tree)
+    return complex_dtype(dtype) if is_complex(_vector_dtype(tree)) else dtype
+
+
+def _vector_size(tree: PyTree) -> int:
+    complex_as_pairs = not is_complex(_vector_dtype(tree))
+    size = 0
+    for leaf in jtu.tree_leaves(tree):
+        pairs = complex_as_pairs and is_complex(jnp.result_type(leaf))
+        size += math.prod(jnp.shape(leaf)) * (2 if pairs else 1)
+    return size
+
+
+def _ravel(tree: PyTree, dtype) -> Array:
+    """The leaves of `tree` as one vector of `dtype` (a reshape for one leaf)."""
+    parts = []
+    for leaf in jtu.tree_leaves(tree):
+        if is_complex(leaf.dtype) and not is_complex(dtype):
+            parts += [jnp.real(leaf).reshape(-1), jnp.imag(leaf).reshape(-1)]
+        else:
+            parts.append(leaf.reshape(-1))
+    parts = [part.astype(dtype) for part in parts]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _unravel(vector: Array, like: PyTree) -> PyTree:
+    """The inverse of `_ravel`: `vector` as a pytree shaped like `like` (arrays or
+    `jax.ShapeDtypeStruct`s), in its dtypes."""
+    leaves, treedef = jtu.tree_flatten(like)
+    out, offset = [], 0
+    for leaf in leaves:
+        size = math.prod(leaf.shape)
+        if is_complex(leaf.dtype) and not is_complex(vector.dtype):
+            re = lax.slice(vector, (offset,), (offset + size,))
+            im = lax.slice(vector, (offset + size,), (offset + 2 * size,))
+            value = lax.complex(re, im)
+            offset += 2 * size
+        else:
+            value = lax.slice(vector, (offset,), (offset + size,))
+            offset += size
+        out.append(value.reshape(leaf.shape).astype(leaf.dtype))
+    return jtu.tree_unflatten(treedef, out)
+
+
+def _sq_norm(x: Array, dtype) -> Scalar:
+    """`‖x‖₂²`, accumulated in the real `dtype`."""
+    if is_complex(x.dtype):
+        re, im = jnp.real(x).astype(dtype), jnp.imag(x).astype(dtype)
+        return jnp.sum(re * re + im * im)
+    x = x.astype(dtype)
+    return jnp.sum(x * x)
+
+
+def _inner(x: Array, y: Array, dtype) -> Scalar:
+    """`⟨x, y⟩ = Σ conj(x_i) y_i`, accumulated in `dtype`."""
+    return jnp.vdot(x.astype(dtype), y.astype(dtype))
+
+
+def _inner_rows(buffer: Array, x: Array, dtype) -> Array:
+    """`[⟨buffer[i], x⟩ for i in range(m)]`, one matrix-vector product accumulated in
+    `dtype` (the conjugation is moved onto the vectors, not the buffer)."""
+    buffer, x = buffer.astype(dtype), x.astype(dtype)
+    if is_complex(dtype):
+        return jnp.conj(jnp.matmul(buffer, jnp.conj(x)))
+    return jnp.matmul(buffer, x)
+
+
+def _combine_rows(coeffs: Array, buffer: Array) -> Array:
+    """`Σ_i coeffs[i] buffer[i]`, in the dtype of `coeffs` (at least float32)."""
+    return jnp.matmul(coeffs, buffer.astype(coeffs.dtype))
+
+
+def _set_row(buffer: Array, index, row: Array) -> Array:
+    """Row `index` of `buffer` set to `row`: an in-place update inside a loop."""
+    return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), index, 0)
 
 
 class _PicardDescentState(eqx.Module, Generic[Y]):
@@ -72,16 +170,57 @@ class PicardDescent(optx.AbstractDescent[Y, _Residual, _PicardDescentState]):
 
 class _AndersonDescentState(eqx.Module, Generic[Y]):
     first: Bool[Array, ""]
-    y_prev: Y
-    g_prev: Y
-    g_norm_prev: Scalar
-    dy: Y  # (memory, ...) differences of iterates
-    dg: Y  # (memory, ...) differences of residuals
-    gram: Inexact[Array, "memory memory"]  # dgᴴ dg, maintained one row per step
+    y_prev: Array  # flat
+    g_prev: Array  # flat
+    g_norm_prev: Scalar  # ‖g_prev‖₂
+    dg: Array  # (memory, size): differences of residuals Δg_i
+    mixed: Array  # (memory, size): Δy_i + β Δg_i, what the step combines
+    gram: Inexact[Array, "memory memory"]  # ⟨Δg_i, Δg_j⟩, one row/column per step
+    rhs: Inexact[Array, " memory"]  # ⟨Δg_i, g⟩ at the last query
     count: Int[Array, ""]  # number of valid history slots: slots [0, count)
     index: Int[Array, ""]  # the slot written next
     direction: Y
     num_restarts: Int[Array, ""]
+
+
+# Up to this size the normal equations are solved by an unrolled elimination that
+# XLA fuses with the masking around it (a few kernels); beyond it by LAPACK.
+_UNROLL_MAX = 12
+
+
+def _solve_hpd(system: Array, rhs: Array) -> Array:
+    """`system⁻¹ rhs` for a small Hermitian positive-definite `system`."""
+    m = system.shape[0]
+    if m > _UNROLL_MAX:
+        factor = jnp.linalg.cholesky(system, symmetrize_input=False)
+        return jsp.linalg.cho_solve((factor, True), rhs)
+    # Gauss-Jordan elimination without pivoting on [system | rhs]: as stable as
+    # Cholesky for a positive-definite matrix, and only elementwise operations.
+    augmented = jnp.concatenate([system, rhs[:, None]], axis=1)
+    rows = jnp.arange(m)[:, None]
+    for k in range(m):
+        pivot = augmented[k] / augmented[k, k]
+        eliminated = augmented - augmented[:, k : k + 1] * pivot[None, :]
+        augmented = jnp.where(rows == k, pivot[None, :], eliminated)
+    return augmented[:, m]
+
+
+def _solve_gram(gram, rhs, count, regularisation):
+    """`(G + λI)⁻¹ rhs` over the valid slots `[0, count)` (zero elsewhere), with
+    `λ = regularisation · tr(G) / count`, in the dtype of `gram` (at least
+    float32)."""
+    m = gram.shape[0]
+    real = real_dtype(gram.dtype)
+    mask = jnp.arange(m) < count
+    both = mask[:, None] & mask[None, :]
+    eye = jnp.eye(m, dtype=bool)
+    diagonal = jnp.where(mask, jnp.real(jnp.diagonal(gram)), 0)
+    ridge = regularisation * jnp.sum(diagonal) / jnp.maximum(count, 1).astype(real)
+    ridge = ridge + jnp.finfo(real).tiny
+    system = jnp.where(both, gram, 0) + jnp.where(
+        eye, jnp.where(mask, ridge, 1)[:, None], 0
+    ).astype(gram.dtype)
+    return _solve_hpd(system, jnp.where(mask, rhs, 0))
 
 
 class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState]):
@@ -99,7 +238,15 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
     and propose $d = \beta g - (\Delta Y + \beta \Delta G)\gamma$, so that a unit step
     gives the usual mixed update $\bar y + \beta \bar g$. The ridge $\lambda$ is
     relative to the Gram matrix, so it behaves the same at any residual scale and in
-    float32. The Gram matrix is updated by one row per step and is accumulated in at
+    float32.
+
+    Each step costs two products with the history (one with $\Delta G$ for the
+    right-hand side $\Delta G^\top g$, one with $\Delta Y + \beta\Delta G$, stored as
+    such, for the step) and a solve of the $m \times m$ normal equations (elimination
+    without pivoting, which is stable for this positive-definite system).
+    The Gram matrix $\Delta G^\top \Delta G$ is updated by one row per step: its
+    new column $\Delta G^\top \Delta g_\text{new}$ is the difference of this step's
+    right-hand side and the last one. It and the coefficients are accumulated in at
     least float32 (also for bfloat16 iterates).
 
     Safeguard: the history is cleared (a restart, i.e. one damped Picard step) when the
@@ -146,19 +293,21 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
             )
 
     def init(self, y: Y, f_info_struct: _Residual) -> _AndersonDescentState:
-        dtype = stats_dtype(y)
-        zeros = (ω(y) * 0).ω
+        vector, small = _vector_dtype(y), _small_dtype(y)
+        size, m = _vector_size(y), self.memory
+        zeros = jnp.zeros(size, vector)
         return _AndersonDescentState(
             first=jnp.array(True),
             y_prev=zeros,
             g_prev=zeros,
-            g_norm_prev=jnp.array(jnp.inf, dtype),
-            dy=history_buffer(y, self.memory),
-            dg=history_buffer(y, self.memory),
-            gram=jnp.zeros((self.memory, self.memory), field_dtype(y, dtype)),
+            g_norm_prev=jnp.array(jnp.inf, real_dtype(small)),
+            dg=jnp.zeros((m, size), vector),
+            mixed=jnp.zeros((m, size), vector),
+            gram=jnp.zeros((m, m), small),
+            rhs=jnp.zeros(m, small),
             count=jnp.array(0),
             index=jnp.array(0),
-            direction=zeros,
+            direction=jtu.tree_map(_zeros_like, f_info_struct.residual),
             num_restarts=jnp.array(0),
         )
 
@@ -166,65 +315,59 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         self, y: Y, f_info: _Residual, state: _AndersonDescentState
     ) -> _AndersonDescentState:
         m = self.memory
-        g = f_info.residual
-        dtype = stats_dtype(y)
-        inner_dtype = field_dtype(y, dtype)
-        g_norm = two_norm(g, dtype)
+        vector, small = _vector_dtype(y), _small_dtype(y)
+        real = real_dtype(small)
+        y_flat = _ravel(y, vector)
+        g = _ravel(f_info.residual, vector)
         has_prev = jnp.invert(state.first)
+        beta = jnp.asarray(self.relaxation, real)
 
-        # Push (Δy, Δg) into slot `index`, updating one row/column of the Gram matrix
-        # G_ij = <Δg_i, Δg_j> (Hermitian for complex states: row = conj(column)).
+        # Push (Δg, Δy + βΔg) into slot `index`. (On the first query the slot gets
+        # junk, but it is not counted and is overwritten next time.)
         slot = state.index
-        dy = buffer_set(state.dy, slot, (y**ω - state.y_prev**ω).ω, has_prev)
-        dg_new = (g**ω - state.g_prev**ω).ω
-        dg = buffer_set(state.dg, slot, dg_new, has_prev)
-        column = batched_inner(dg, dg_new, inner_dtype)
-        gram = state.gram.at[slot, :].set(jnp.conj(column)).at[:, slot].set(column)
-        gram = jnp.where(has_prev, gram, state.gram)
+        dg_new = g - state.g_prev
+        mixed_new = (y_flat - state.y_prev) + beta.astype(vector) * dg_new
+        dg = _set_row(state.dg, slot, dg_new)
+        mixed = _set_row(state.mixed, slot, mixed_new)
+        # One product with the history: ⟨Δg_i, g⟩. The Gram matrix's new column
+        # ⟨Δg_i, Δg_new⟩ = ⟨Δg_i, g⟩ - ⟨Δg_i, g_prev⟩ reuses the last query's
+        # right-hand side for the rows that did not change; the new diagonal entry
+        # is computed directly (it stays exact and positive).
+        rhs = _inner_rows(dg, g, small)
+        diagonal = _sq_norm(dg_new, real)
+        slots = jnp.arange(m)
+        column = jnp.where(slots == slot, diagonal.astype(small), rhs - state.rhs)
+        gram = jnp.where(slots[:, None] == slot, jnp.conj(column)[None, :], state.gram)
+        gram = jnp.where(slots[None, :] == slot, column[:, None], gram)
         count = jnp.where(has_prev, jnp.minimum(state.count + 1, m), state.count)
         index = jnp.where(has_prev, (state.index + 1) % m, state.index)
 
-        gamma = self._coefficients(gram, dg, count, g, inner_dtype)
+        gamma = _solve_gram(gram, rhs, count, self.regularisation)
 
+        # (The same expression as the loop's own residual norm, so XLA computes it
+        # once.)
+        g_norm = two_norm(f_info.residual, stats_dtype(y))
         restart = jnp.invert(jnp.all(jnp.isfinite(gamma)))
         if self.restart_factor is not None:
-            restart = restart | (
-                has_prev & (g_norm > self.restart_factor * state.g_norm_prev)
-            )
+            growth = self.restart_factor * state.g_norm_prev
+            restart = restart | (has_prev & (g_norm > growth))
         gamma = jnp.where(restart, 0, gamma)
-        # d = β g - ΔY γ - β ΔG γ
-        beta = jnp.asarray(self.relaxation, dtype)
-        mixed_g = (g**ω - batched_combine(gamma, dg) ** ω).ω
-        direction = (tree_scale(beta, mixed_g) ** ω - batched_combine(gamma, dy) ** ω).ω
+        # d = β g - (ΔY + βΔG) γ
+        direction = beta.astype(small) * g.astype(small) - _combine_rows(gamma, mixed)
         return _AndersonDescentState(
             first=jnp.array(False),
-            y_prev=y,
+            y_prev=y_flat,
             g_prev=g,
             g_norm_prev=g_norm,
-            dy=dy,
             dg=dg,
+            mixed=mixed,
             gram=gram,
+            rhs=rhs,
             count=jnp.where(restart, 0, count),
             index=jnp.where(restart, 0, index),
-            direction=direction,
+            direction=_unravel(direction, f_info.residual),
             num_restarts=state.num_restarts + restart.astype(int),
         )
-
-    def _coefficients(self, gram, dg, count, x, dtype):
-        """`γ = (ΔGᴴΔG + λI)⁻¹ ΔGᴴ x` over the valid history slots, in `dtype` (the
-        `field_dtype`: complex for a complex state)."""
-        real = real_dtype(dtype)
-        mask = jnp.arange(self.memory) < count
-        masked_gram = jnp.where(mask[:, None] & mask[None, :], gram, 0)
-        rhs = jnp.where(mask, batched_inner(dg, x, dtype), 0)
-        # (The diagonal of a Hermitian matrix is real.)
-        trace = jnp.real(jnp.trace(masked_gram))
-        scale = trace / jnp.maximum(count, 1).astype(real)
-        ridge = self.regularisation * scale + jnp.finfo(real).tiny
-        diagonal = jnp.diag(jnp.where(mask, ridge, 1))
-        if is_complex(dtype):
-            diagonal = diagonal.astype(dtype)
-        return jnp.linalg.solve(masked_gram + diagonal, rhs)
 
     def inverse_jacobian_mv(self, state: _AndersonDescentState, x: Y) -> Y:
         r"""`H x` for the multisecant estimate $H \approx (\partial g/\partial y)^{-1}$
@@ -232,15 +375,13 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         $H = -\beta I + (\Delta Y + \beta \Delta G)
         (\Delta G^\top \Delta G + \lambda I)^{-1} \Delta G^\top$.
         """
-        dtype = stats_dtype(x)
-        gamma = self._coefficients(
-            state.gram, state.dg, state.count, x, state.gram.dtype
-        )
-        beta = jnp.asarray(self.relaxation, dtype)
-        mixed_x = (batched_combine(gamma, state.dg) ** ω - x**ω).ω
-        return (
-            batched_combine(gamma, state.dy) ** ω + tree_scale(beta, mixed_x) ** ω
-        ).ω
+        vector, small = state.dg.dtype, state.gram.dtype
+        x_flat = _ravel(x, vector)
+        rhs = _inner_rows(state.dg, x_flat, small)
+        gamma = _solve_gram(state.gram, rhs, state.count, self.regularisation)
+        beta = jnp.asarray(self.relaxation, real_dtype(small)).astype(small)
+        out = _combine_rows(gamma, state.mixed) - beta * x_flat.astype(small)
+        return _unravel(out, x)
 
     def step(
         self, step_size: Scalar, state: _AndersonDescentState
@@ -260,21 +401,21 @@ AndersonDescent.__init__.__doc__ = """**Arguments:**
 
 class _BroydenDescentState(eqx.Module, Generic[Y]):
     first: Bool[Array, ""]
-    y_prev: Y
-    g_prev: Y
-    u: Y  # (memory, ...)
-    v: Y  # (memory, ...)
-    count: Int[Array, ""]
-    h_g: Y  # H g at the last accepted point, for the current H; the step is -H g.
+    y_prev: Array  # flat
+    g_prev: Array  # flat
+    u: Array  # (memory, size)
+    v: Array  # (memory, size)
+    count: Int[Array, ""]  # number of rank-one terms, in slots [0, count)
+    h_g: Array  # flat: H g at the last accepted point, for the current H
+    direction: Y  # -H g, the step
     num_restarts: Int[Array, ""]
 
 
-def _inv_jac_mv(u, v, count, x, dtype):
-    """`H x` for `H = -I + Σ_{i < count} u_i v_iᴴ`, with the inner products
-    `v_iᴴ x` in `dtype` (a `field_dtype`)."""
-    mask = jnp.arange(jtu.tree_leaves(u)[0].shape[0]) < count
-    coeffs = jnp.where(mask, batched_inner(v, x, dtype), 0)
-    return (batched_combine(coeffs, u) ** ω - x**ω).ω
+def _broyden_mv(u, v, count, x, dtype):
+    """`H x` for `H = -I + Σ_{i < count} u_i v_iᴴ`, in `dtype` (at least float32)."""
+    mask = jnp.arange(u.shape[0]) < count
+    coeffs = jnp.where(mask, _inner_rows(v, x, dtype), 0)
+    return _combine_rows(coeffs, u) - x.astype(dtype)
 
 
 class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
@@ -289,10 +430,19 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
     $$u = \frac{\Delta y - H \Delta g}{\Delta y^\top H \Delta g},
       \qquad v = H^\top \Delta y.$$
 
+    Each step costs four products with the buffers: $H g$ (with the $v_i$, then the
+    $u_i$) and $H^\top \Delta y$ (with the $u_i$, then the $v_i$); the third one,
+    $H \Delta g$, is $H g - H g_\text{prev}$, and $H g_\text{prev}$ is remembered.
+
     Restart policy (so the estimate never blows up): when all `memory` slots are full
     the estimate is reset to $-I$ before the update; an update whose denominator is
     tiny relative to $\|\Delta y\|\|H\Delta g\|$ (ill-conditioned) or non-finite is
     skipped; a non-finite direction resets the estimate and falls back to Picard.
+    (Keeping the most recent terms in a ring buffer instead, as torchdeq's
+    `LBFGS_thres` and banax's `history_size` do, needed more evaluations of $f$ or
+    diverged on eqxdeq's benchmark layers, as did the limited-memory compact form
+    that re-applies the most recent secant pairs to $-I$; see
+    `benchmarks/bench_history.py`.)
 
     For a complex state every transpose is the conjugate transpose: $H = -I + \sum_i
     u_i v_i^H$, $v = H^H \Delta y$ and the denominator is $\Delta y^H H \Delta g$.
@@ -334,84 +484,91 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
             raise ValueError("`BroydenDescent(conditioning=...)` must be in [0, 1).")
 
     def init(self, y: Y, f_info_struct: _Residual) -> _BroydenDescentState:
-        zeros = (ω(y) * 0).ω
+        vector, small = _vector_dtype(y), _small_dtype(y)
+        size, m = _vector_size(y), self.memory
+        zeros = jnp.zeros(size, vector)
         return _BroydenDescentState(
             first=jnp.array(True),
             y_prev=zeros,
             g_prev=zeros,
-            u=history_buffer(y, self.memory),
-            v=history_buffer(y, self.memory),
+            u=jnp.zeros((m, size), vector),
+            v=jnp.zeros((m, size), vector),
             count=jnp.array(0),
-            h_g=zeros,
+            h_g=jnp.zeros(size, small),
+            direction=jtu.tree_map(_zeros_like, f_info_struct.residual),
             num_restarts=jnp.array(0),
         )
 
     def inverse_jacobian_mv(self, state: _BroydenDescentState, x: Y) -> Y:
         """`H x`, for the current estimate `H` of the inverse Jacobian of `f(y) - y`."""
-        dtype = field_dtype(x, stats_dtype(x))
-        return _inv_jac_mv(state.u, state.v, state.count, x, dtype)
+        x_flat = _ravel(x, state.u.dtype)
+        out = _broyden_mv(state.u, state.v, state.count, x_flat, state.h_g.dtype)
+        return _unravel(out, x)
 
     def inverse_jacobian_rmv(self, state: _BroydenDescentState, x: Y) -> Y:
         """`Hᴴ x` (`Hᵀ x` for a real state), for the current estimate `H` of the
         inverse Jacobian."""
-        dtype = field_dtype(x, stats_dtype(x))
-        return _inv_jac_mv(state.v, state.u, state.count, x, dtype)
+        x_flat = _ravel(x, state.u.dtype)
+        out = _broyden_mv(state.v, state.u, state.count, x_flat, state.h_g.dtype)
+        return _unravel(out, x)
 
     def query(
         self, y: Y, f_info: _Residual, state: _BroydenDescentState
     ) -> _BroydenDescentState:
-        # Two products with the low-rank factors per step (`H g` and `Hᵀ Δy`): the
-        # third one, `H Δg`, is `H g - H g_prev`, and `H g_prev` is remembered.
         # For a complex state the inner products conjugate their first argument:
         # `denom = Δyᴴ H Δg`, `v = Hᴴ Δy` and the update adds `u vᴴ` to H.
-        g = f_info.residual
-        dtype = stats_dtype(y)
-        inner_dtype = field_dtype(y, dtype)
+        vector, small = _vector_dtype(y), _small_dtype(y)
+        real = real_dtype(small)
+        y_flat = _ravel(y, vector)
+        g = _ravel(f_info.residual, vector)
         has_prev = jnp.invert(state.first)
-        dy = (y**ω - state.y_prev**ω).ω
+        s = (y_flat - state.y_prev).astype(small)
 
         full = state.count >= self.memory  # reset to H = -I before updating
         count = jnp.where(full, 0, state.count)
-        h_g = _inv_jac_mv(state.u, state.v, count, g, inner_dtype)
-        h_g_prev = tree_where(full, (-(state.g_prev**ω)).ω, state.h_g)
-        h_dg = (h_g**ω - h_g_prev**ω).ω
-        ht_dy = _inv_jac_mv(state.v, state.u, count, dy, inner_dtype)
-        denom = tree_inner(dy, h_dg, inner_dtype)
-        size = two_norm(dy, dtype) * two_norm(h_dg, dtype)
+        h_g = _broyden_mv(state.u, state.v, count, g, small)
+        h_g_prev = jnp.where(full, -state.g_prev.astype(small), state.h_g)
+        h_dg = h_g - h_g_prev
+        v_new = _broyden_mv(state.v, state.u, count, s, small)  # Hᴴ Δy
+        denom = _inner(s, h_dg, small)
+        size_sq = _sq_norm(s, real) * _sq_norm(h_dg, real)
         ok = (
             has_prev
-            & (jnp.abs(denom) > self.conditioning * size)
+            & (jnp.abs(denom) ** 2 > self.conditioning**2 * size_sq)
             & jnp.isfinite(denom)
-            & (size > 0)
+            & (size_sq > 0)
         )
-        safe_denom = jnp.where(ok, denom, 1)
-        u_new = tree_scale(1 / safe_denom, (dy**ω - h_dg**ω).ω)
-        ok = ok & tree_allfinite(u_new) & tree_allfinite(ht_dy)
-        u = buffer_set(state.u, count, u_new, ok)
-        v = buffer_set(state.v, count, ht_dy, ok)
+        u_new = (s - h_dg) / jnp.where(ok, denom, 1)
+        v_g = _inner(v_new, g, small)  # (also non-finite if v_new is)
+        ok = ok & jnp.all(jnp.isfinite(u_new)) & jnp.isfinite(v_g)
+        # Rows past `count` are never read, but are kept finite (they are
+        # multiplied by zero coefficients).
+        u_new = jnp.where(ok, u_new, 0)
+        u = _set_row(state.u, count, u_new)
+        v = _set_row(state.v, count, jnp.where(ok, v_new, 0))
         count = jnp.where(has_prev, count + ok.astype(int), state.count)
         # H_new g = H g + u_new (v_newᴴ g)
-        coeff = jnp.where(ok, tree_inner(ht_dy, g, inner_dtype), 0)
-        h_g = (h_g**ω + tree_scale(coeff, u_new) ** ω).ω
+        h_g = h_g + jnp.where(ok, v_g, 0) * u_new
 
-        bad = jnp.invert(tree_allfinite(h_g))  # reset, and take a Picard step
-        h_g = tree_where(bad, (-(g**ω)).ω, h_g)
+        bad = jnp.invert(jnp.all(jnp.isfinite(h_g)))  # reset, and take a Picard step
+        h_g = jnp.where(bad, -g.astype(small), h_g)
         restarts = (has_prev & full) | bad
         return _BroydenDescentState(
             first=jnp.array(False),
-            y_prev=y,
+            y_prev=y_flat,
             g_prev=g,
             u=u,
             v=v,
             count=jnp.where(bad, 0, count),
             h_g=h_g,
+            direction=_unravel(-h_g, f_info.residual),
             num_restarts=state.num_restarts + restarts.astype(int),
         )
 
     def step(
         self, step_size: Scalar, state: _BroydenDescentState
     ) -> tuple[Y, optx.RESULTS]:
-        return tree_scale(-step_size, state.h_g), optx.RESULTS.successful
+        return tree_scale(step_size, state.direction), optx.RESULTS.successful
 
 
 BroydenDescent.__init__.__doc__ = """**Arguments:**
