@@ -6,9 +6,17 @@ import jax.lax as lax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
-from jaxtyping import Array, PyTree, Real
+from jaxtyping import Array, ArrayLike, Bool, PyTree, Real
 
-from .._misc import is_python_number, tree_allfinite, tree_scale, ω
+from .._misc import (
+    is_python_number,
+    stats_dtype,
+    tree_allfinite,
+    tree_scale,
+    two_norm,
+    ω,
+)
+from .._results import RESULTS
 
 
 SquareState: TypeAlias = lx.AbstractLinearOperator
@@ -56,6 +64,20 @@ def nonfinite_result(vector: PyTree[Array]) -> lx.RESULTS:
     )
 
 
+def precise_result(result: lx.RESULTS, diverged: Bool[ArrayLike, ""]) -> RESULTS:
+    """The precise outcome of a solve, as an `eqxdeq.RESULTS` (for `stats["result"]`):
+    `result`, except that a divergence (`breakdown` from non-finite iterates, or
+    `diverged`) is `RESULTS.linear_solve_diverged`. A non-finite right-hand side
+    stays `nonfinite_input`."""
+    result = RESULTS.promote(result)
+    diverged = jnp.asarray(diverged) | (result == RESULTS.breakdown)
+    return RESULTS.where(
+        diverged & (result != RESULTS.nonfinite_input),
+        RESULTS.linear_solve_diverged,
+        result,
+    )
+
+
 def is_integer(x) -> bool:
     """A Python/NumPy integer, or a scalar integer (possibly traced) JAX array."""
     if isinstance(x, bool | np.bool_):
@@ -94,15 +116,29 @@ class Neumann(lx.AbstractLinearSolver[SquareState]):
     $M = (1 - \tau) I + \tau\, \partial_y f$.
 
     This is an approximation by design: there is no convergence test, so the solve
-    reports success whatever the error. A non-finite result (for example a diverging
-    series, $\rho \ge 1$) is never silent: it is reported as
-    `lineax.RESULTS.breakdown`, or as `lineax.RESULTS.nonfinite_input` when $b$ is
-    already non-finite.
+    reports `lineax.RESULTS.successful` (the $k$ terms asked for were computed)
+    whatever the error. It is never silently divergent, though:
+
+    - `stats["result"]`, an [`eqxdeq.RESULTS`][], is `RESULTS.linear_solve_diverged`
+        when the terms grew over the series, $\|M^k \tau b\|_2 > \|\tau b\|_2$
+        (for a normal $M$ with $\rho < 1$ the term norms never grow, so this flags
+        $\rho \ge 1$; a strongly non-normal $M$ can also grow transiently in the
+        first few terms, and is flagged too: its truncated series is then no
+        approximation yet). Else it is `lineax`'s result.
+    - A non-finite result (a series that overflowed) is reported as
+        `lineax.RESULTS.breakdown`, or as `lineax.RESULTS.nonfinite_input` when $b$
+        is already non-finite.
+
+    Used as the backward solver of an eqxdeq adjoint (e.g.
+    `eqxdeq.ImplicitAdjoint(eqxdeq.Neumann(k))`, [`eqxdeq.PhantomAdjoint`][]), a
+    diverged series is a failed backward solve, handled by the adjoint's
+    `on_failure` (by default it raises).
 
     The operator must be square with the same input and output pytree structure
     (checked at trace time). It may be any [`lineax.AbstractLinearOperator`][], e.g.
     a matrix-free `lineax.JacobianLinearOperator`; it is linearised once in `init`.
-    No `options` are used. `stats["num_steps"]` is `steps`.
+    No `options` are used. `stats["num_steps"]` is `steps`; `stats["result"]` is
+    described above.
 
     `transpose` and `conj` are supported, so this solver can be differentiated
     through `lineax.linear_solve` in forward and reverse mode. Note that lineax
@@ -168,6 +204,7 @@ class Neumann(lx.AbstractLinearSolver[SquareState]):
         del options
         operator = state
         tau = jnp.asarray(self.damping)
+        dtype = stats_dtype(vector)
         # term_0 = τ b,  term_{i+1} = M term_i = term_i - τ A term_i,  x = Σ term_i.
         term = tree_scale(tau, vector)
 
@@ -176,11 +213,19 @@ class Neumann(lx.AbstractLinearSolver[SquareState]):
             term = (term**ω - tree_scale(tau, operator.mv(term)) ** ω).ω
             return term, (total**ω + term**ω).ω
 
-        _, solution = lax.fori_loop(0, self.steps, body_fun, (term, term))
+        last, solution = lax.fori_loop(0, self.steps, body_fun, (term, term))
         result = lx.RESULTS.where(
             tree_allfinite(solution), lx.RESULTS.successful, nonfinite_result(vector)
         )
-        return solution, result, {"num_steps": jnp.asarray(self.steps)}
+        # The series diverges if its terms grow: ‖M^k τb‖ > ‖τb‖. (For a normal M
+        # with spectral radius below 1 the term norms never grow.) Reported in
+        # `stats["result"]` only: the k terms asked for were computed.
+        diverged = two_norm(last, dtype) > two_norm(term, dtype)
+        stats = {
+            "num_steps": jnp.asarray(self.steps),
+            "result": precise_result(result, diverged),
+        }
+        return solution, result, stats
 
     def transpose(
         self, state: SquareState, options: dict[str, Any]

@@ -9,11 +9,19 @@ import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, PyTree, Scalar
 
-from .._misc import is_python_number, tree_allfinite, tree_scale, ω
+from .._misc import (
+    is_python_number,
+    stats_dtype,
+    tree_allfinite,
+    tree_scale,
+    two_norm,
+    ω,
+)
 from .neumann import (
     is_integer,
     linearise_square,
     nonfinite_result,
+    precise_result,
     RealScalarLike,
     SquareState,
 )
@@ -56,7 +64,14 @@ class Richardson(lx.AbstractLinearSolver[SquareState]):
     diverged, spectral radius above 1) stops the loop and is reported as
     `lineax.RESULTS.breakdown`, or as `lineax.RESULTS.nonfinite_input` when $b$ or
     `y0` is non-finite. `stats["num_steps"]` is the number of steps (matrix-vector
-    products after the first residual) taken.
+    products after the first residual) taken. `stats["result"]`, an
+    [`eqxdeq.RESULTS`][], is more precise: `RESULTS.linear_solve_diverged` when the
+    solve failed with a final residual larger than the initial one
+    $\|b - A x_0\|_2$ (or non-finite), i.e. the iteration diverged rather than
+    converged too slowly; else lineax's result. (The loop itself does not stop on
+    growth: a non-normal iteration may grow before it converges.) Used as the
+    backward solver of an eqxdeq adjoint, a failure is reported as that of the
+    *backward (adjoint) linear solve*, naming the adjoint and this solver.
 
     This supports the following `options` (as passed to
     `lx.linear_solve(..., options=...)`):
@@ -192,7 +207,8 @@ class Richardson(lx.AbstractLinearSolver[SquareState]):
             return x, residual(x), step + 1
 
         step = jnp.zeros((), jnp.result_type(max_steps))
-        init_carry = (y0, residual(y0), step)
+        r0 = residual(y0)
+        init_carry = (y0, r0, step)
         solution, r, num_steps = lax.while_loop(cond_fun, body_fun, init_carry)
 
         if has_scale:
@@ -206,7 +222,14 @@ class Richardson(lx.AbstractLinearSolver[SquareState]):
         finite = tree_allfinite(r) & tree_allfinite(solution)
         bad_input = nonfinite_result((vector, y0))
         result = lx.RESULTS.where(finite, result, bad_input)
-        return solution, result, {"num_steps": num_steps}
+        # Diverged: stopped short of the tolerance with a residual larger than the
+        # initial one (or non-finite, a `breakdown`). Reported in `stats["result"]`;
+        # `result` keeps lineax's vocabulary.
+        dtype = stats_dtype(vector)
+        grew = two_norm(r, dtype) > two_norm(r0, dtype)
+        diverged = (result != lx.RESULTS.successful) & grew
+        stats = {"num_steps": num_steps, "result": precise_result(result, diverged)}
+        return solution, result, stats
 
     def transpose(
         self, state: SquareState, options: dict[str, Any]
