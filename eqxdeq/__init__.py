@@ -1,5 +1,6 @@
 from . import nn as nn, regularization as regularization
 from ._adjoint import (
+    BackwardStats as BackwardStats,
     ImplicitAdjoint as ImplicitAdjoint,
     JFB as JFB,
     PhantomAdjoint as PhantomAdjoint,

@@ -344,12 +344,22 @@ def test_float32_reconstruction():
 
 def test_checkpoints_bound_the_reconstruction_error():
     """20 steps at radius 0.9 in float32: the pure reconstruction's gradient is
-    off by 2e-1, with the default 8 checkpoints (every 4th step kept) by 1e-5."""
+    off by 2e-1 (its iterates drifted from the forward ones by 1e10 times their
+    size: a failure, raised by default), with 8 checkpoints (every 4th step kept)
+    by 1e-5."""
     fn, y0, args = tanh_problem(jr.PRNGKey(0), radius=0.9, dtype=jnp.float32)
     solver = eqxdeq.Reversible(0.0, 0.0)
     bptt = grad_args_y0(args, y0, fn, solver, optx.RecursiveCheckpointAdjoint(), 20)
     pure = eqxdeq.ReversibleAdjoint(checkpoints=0)
-    assert rel_error(grad_args_y0(args, y0, fn, solver, pure, 20), bptt) > 1e-2
+    with pytest.raises(eqx.EquinoxRuntimeError, match="reconstruction drifted"):
+        grad_args_y0(args, y0, fn, solver, pure, 20)
+    pure = eqxdeq.ReversibleAdjoint(checkpoints=0, on_failure="nan")
+    assert all(
+        bool(jnp.all(jnp.isnan(g)))
+        for g in jtu.tree_leaves(grad_args_y0(args, y0, fn, solver, pure, 20))
+    )
+    # The checkpoints are set on the solver; the adjoint reads them.
+    solver = eqxdeq.Reversible(0.0, 0.0, checkpoints=8)
     default = eqxdeq.ReversibleAdjoint()
     assert rel_error(grad_args_y0(args, y0, fn, solver, default, 20), bptt) < 1e-4
 
@@ -362,7 +372,8 @@ def test_reconstruction_overflow_raises():
     pure = eqxdeq.ReversibleAdjoint(checkpoints=0)
     with pytest.raises(eqx.EquinoxRuntimeError, match="overflowed"):
         grad_args_y0(args, y0, fn, solver, pure, 100)
-    grads = grad_args_y0(args, y0, fn, solver, eqxdeq.ReversibleAdjoint(32), 100)
+    solver = eqxdeq.Reversible(0.0, 0.0, checkpoints=32)
+    grads = grad_args_y0(args, y0, fn, solver, eqxdeq.ReversibleAdjoint(), 100)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jtu.tree_leaves(grads))
 
 
@@ -420,12 +431,12 @@ def test_vmap_of_grad():
         assert rel_error(jtu.tree_map(lambda g: g[i], batched), single) < 1e-9
 
 
-def _grad_temp_bytes(adjoint, max_steps):
+def _grad_temp_bytes(adjoint, max_steps, checkpoints=8):
     """Scratch memory of the compiled gradient of a Reversible solve."""
     fn, y0, (weight, bias) = tanh_problem(jr.PRNGKey(15), radius=0.9)
 
     def loss(b):
-        solver = eqxdeq.Reversible(1e-10, 1e-10)
+        solver = eqxdeq.Reversible(1e-10, 1e-10, checkpoints=checkpoints)
         sol = optx.fixed_point(
             fn, solver, y0, (weight, b), adjoint=adjoint, max_steps=max_steps
         )
@@ -439,8 +450,10 @@ def _grad_temp_bytes(adjoint, max_steps):
 def test_memory_flat_in_max_steps(checkpoints):
     # Measured: 7104 bytes at max_steps 16, 64 and 4096 without checkpoints, 20656
     # with 8 (16 copies of the 512-byte state, and one more buffer while thinning).
-    reversible = eqxdeq.ReversibleAdjoint(checkpoints)
-    assert _grad_temp_bytes(reversible, 64) == _grad_temp_bytes(reversible, 4096)
+    reversible = eqxdeq.ReversibleAdjoint()
+    assert _grad_temp_bytes(reversible, 64, checkpoints) == _grad_temp_bytes(
+        reversible, 4096, checkpoints
+    )
 
 
 @pytest.mark.slow
@@ -452,7 +465,7 @@ def test_bptt_memory_grows_in_max_steps():
     bptt = optx.RecursiveCheckpointAdjoint()
     assert _grad_temp_bytes(bptt, 4096) > 2 * _grad_temp_bytes(bptt, 64)
     assert _grad_temp_bytes(bptt, 64) > _grad_temp_bytes(
-        eqxdeq.ReversibleAdjoint(checkpoints=0), 64
+        eqxdeq.ReversibleAdjoint(), 64, checkpoints=0
     )
     assert _grad_temp_bytes(bptt, 4096) > _grad_temp_bytes(
         eqxdeq.ReversibleAdjoint(), 4096
@@ -491,6 +504,25 @@ def test_bad_fields():
             eqxdeq.Reversible(1e-6, 1e-6, checkpoints=bad)  # pyright: ignore
         with pytest.raises(ValueError, match=r"ReversibleAdjoint\(checkpoints="):
             eqxdeq.ReversibleAdjoint(checkpoints=bad)  # pyright: ignore
+
+
+def test_adjoint_validates_the_solver_checkpoints():
+    """The checkpoints are set on the solver: the adjoint reads them, and an
+    explicit `ReversibleAdjoint(checkpoints=...)` must agree (it used to overwrite
+    the solver's setting)."""
+    fn, y0, args = tanh_problem(jr.PRNGKey(16), radius=0.5)
+
+    def slots(solver, adjoint):
+        sol = optx.fixed_point(
+            fn, solver, y0, args, adjoint=adjoint, max_steps=4, throw=False
+        )
+        return jtu.tree_leaves(sol.state.checkpoints.y)[0].shape[0]
+
+    solver = eqxdeq.Reversible(1e-8, 1e-8, checkpoints=16)
+    assert slots(solver, eqxdeq.ReversibleAdjoint()) == 16
+    assert slots(solver, eqxdeq.ReversibleAdjoint(checkpoints=16)) == 16
+    with pytest.raises(ValueError, match=r"`eqxdeq\.Reversible\(checkpoints=16\)`"):
+        slots(solver, eqxdeq.ReversibleAdjoint(checkpoints=8))
 
 
 def test_forward_mode_is_not_supported():

@@ -25,6 +25,7 @@ from jaxtyping import PyTree
 from optimistix._fixed_point import _rewrite_fn as _optx_fixed_point_rewrite
 
 from .._misc import field_dtype, from_view, real_dtype, to_view, while_loop, ω
+from ._backward import BackwardSolver, nan_gate, Report
 
 
 # optimistix's `_iterate` takes
@@ -112,20 +113,33 @@ def solve_dtype(tree):
 # the leaves' own dtypes. For a pytree of one dtype the casts are no-ops. A pytree
 # that mixes real and complex leaves is solved on the real and imaginary parts of
 # its complex leaves (`to_view`), the real vector space it lives in.
-# `packed = (inputs, primal_fn, rewrite)`.
+# `packed = (inputs, primal_fn, rewrite, slot)`, with `slot` the statistics slot of
+# `_backward.py` or None.
 
 
 def _uniform_primal(packed):
-    inputs, primal_fn, _ = packed
+    inputs, primal_fn, _, slot = packed
     root, residual = primal_fn(inputs)
-    return to_view(root, solve_dtype(inputs[INPUT_Y0])), residual
+    root = to_view(root, solve_dtype(inputs[INPUT_Y0]))
+    # The statistics slot (see `_backward.py`): `q = p`, the root of `q - p`.
+    return (root if slot is None else (root, slot)), residual
 
 
 def _uniform_rewrite(root, residual, packed):
-    inputs, _, rewrite = packed
+    inputs, _, rewrite, slot = packed
     y0 = inputs[INPUT_Y0]
-    out = rewrite(from_view(root, y0), residual, inputs)
-    return to_view(out, solve_dtype(y0))
+    if slot is not None:
+        root, q = root
+    out = to_view(rewrite(from_view(root, y0), residual, inputs), solve_dtype(y0))
+    if slot is None:
+        return out
+    # `one` is exactly 1, but batched wherever the fixed point is (under `vmap`), so
+    # that the slot of the linear system is too: each batch element then reports
+    # its own statistics, summed into an unbatched probe by JAX's transpose.
+    # (`isnan(x) | True` is True for every x, NaN included.)
+    first = jtu.tree_leaves(root)[0].reshape(-1)[:1]
+    one = (jnp.isnan(first) | True).astype(slot.dtype)
+    return out, q - one * slot
 
 
 def has_inverse_jacobian(solver) -> bool:
@@ -157,6 +171,7 @@ def implicit_apply(
     linear_solver: lx.AbstractLinearSolver,
     *,
     precondition: bool,
+    report: Report,
     rewrite_fn=None,
 ):
     """Run the primal loop, with tangents from the implicit function theorem.
@@ -165,6 +180,9 @@ def implicit_apply(
     applied by `linear_solver` to `A = I - ∂f/∂y` (or to `P A` if `precondition`).
     If `rewrite_fn` is given (any optimistix rewrite `r(y) = 0` at the solution, e.g.
     a root find's `g(y)`), `A = ∂r/∂y` with optimistix's `tags` instead.
+
+    The linear solve runs inside a `BackwardSolver`, which reports its outcome and
+    applies `report.on_failure` (see `_backward.py`).
     """
     if rewrite_fn is not None:
         rewrite = rewrite_fn
@@ -172,10 +190,18 @@ def implicit_apply(
         rewrite, tags = _preconditioned_rewrite, frozenset()
     else:
         rewrite, tags = _rewrite, _flip_tags(tags)
-    packed = (lax_while(inputs), primal_fn, rewrite)
+    slot = None
+    if report.needs_slot:
+        slot = report.slot(real_dtype(solve_dtype(inputs[INPUT_Y0])))
+        if report.on_failure == "nan":
+            inputs, slot = nan_gate(inputs, slot)
+    solver = BackwardSolver.wrap(linear_solver, report, slot=slot is not None)
+    packed = (lax_while(inputs), primal_fn, rewrite, slot)
     root, residual = optx.internal.implicit_jvp(
-        _uniform_primal, _uniform_rewrite, packed, tags, linear_solver
+        _uniform_primal, _uniform_rewrite, packed, tags, solver
     )
+    if slot is not None:
+        root, _ = root
     return from_view(root, inputs[INPUT_Y0]), residual
 
 

@@ -1,7 +1,19 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
 import lineax as lx
 import optimistix as optx
 
 from .._linear_solver import Neumann
+from ._backward import (
+    BackwardStats,
+    check_callback,
+    check_on_failure,
+    check_probe,
+    describe_solver,
+    Report,
+)
 from ._core import (
     has_inverse_jacobian,
     implicit_apply,
@@ -63,16 +75,31 @@ class ShineAdjoint(optx.AbstractAdjoint):
     """
 
     linear_solver: lx.AbstractLinearSolver = Neumann(steps=0)
+    # Annotated `str` (not a `Literal`) so that `__check_init__` can
+    # reject other values with a helpful message.
+    on_failure: str = eqx.field(default="raise", static=True, kw_only=True)
+    callback: Callable[[BackwardStats], Any] | None = eqx.field(
+        default=None, static=True, kw_only=True
+    )
+    probe: BackwardStats | None = eqx.field(default=None, kw_only=True)
+
+    def __check_init__(self):
+        check_on_failure(self.on_failure, "ShineAdjoint")
+        check_callback(self.callback, "ShineAdjoint")
+        check_probe(self.probe, "ShineAdjoint")
 
     def apply(self, primal_fn, rewrite_fn, inputs, tags):
         require_fixed_point_rewrite(rewrite_fn, "eqxdeq.ShineAdjoint")
         _, solver, _ = split_inputs(inputs)
+        description = f"eqxdeq.ShineAdjoint({describe_solver(self.linear_solver)})"
+        report = Report(description, self.on_failure, self.callback, self.probe)
         return implicit_apply(
             primal_fn,
             inputs,
             tags,
             self.linear_solver,
             precondition=has_inverse_jacobian(solver),
+            report=report,
         )
 
 
@@ -81,4 +108,11 @@ ShineAdjoint.__init__.__doc__ = """**Arguments:**
 - `linear_solver`: the lineax solver for the preconditioned system; `Neumann(0)`
     (default) applies the estimate once, an iterative solver refines it to the exact
     gradient.
+- `on_failure`: what a failed backward solve does (only an iterative
+    `linear_solver` can fail): `"raise"` (default), `"nan"` (NaN gradients; reverse
+    mode only) or `"jfb"` (the unrefined SHINE gradient: the estimate applied
+    once; JFB after a solver without an estimate). Keyword only.
+- `callback`, `probe`: report the backward solves, as for
+    [`eqxdeq.ImplicitAdjoint`][]. The statistics are those of the preconditioned
+    system. Keyword only.
 """
