@@ -334,7 +334,7 @@ def test_float32_reconstruction():
     within 3e-7 of the float64 one.
     """
     fn, y0, args = tanh_problem(jr.PRNGKey(0), radius=0.5, dtype=jnp.float32)
-    solver = eqxdeq.Reversible(0.0, 0.0)
+    solver = eqxdeq.Reversible(0.0, 0.0, checkpoints=0)
     adjoint = eqxdeq.ReversibleAdjoint(checkpoints=0)
     rev, _ = grad_args_y0(args, y0, fn, solver, adjoint, 5)
     bptt, _ = grad_args_y0(args, y0, fn, solver, optx.RecursiveCheckpointAdjoint(), 5)
@@ -348,7 +348,7 @@ def test_checkpoints_bound_the_reconstruction_error():
     size: a failure, raised by default), with 8 checkpoints (every 4th step kept)
     by 1e-5."""
     fn, y0, args = tanh_problem(jr.PRNGKey(0), radius=0.9, dtype=jnp.float32)
-    solver = eqxdeq.Reversible(0.0, 0.0)
+    solver = eqxdeq.Reversible(0.0, 0.0, checkpoints=0)
     bptt = grad_args_y0(args, y0, fn, solver, optx.RecursiveCheckpointAdjoint(), 20)
     pure = eqxdeq.ReversibleAdjoint(checkpoints=0)
     with pytest.raises(eqx.EquinoxRuntimeError, match="reconstruction drifted"):
@@ -368,7 +368,7 @@ def test_reconstruction_overflow_raises():
     """100 steps without checkpoints in float32: the reconstruction overflows. The
     backward pass raises instead of returning a NaN gradient; checkpoints fix it."""
     fn, y0, args = tanh_problem(jr.PRNGKey(0), radius=0.5, dtype=jnp.float32)
-    solver = eqxdeq.Reversible(0.0, 0.0)
+    solver = eqxdeq.Reversible(0.0, 0.0, checkpoints=0)
     pure = eqxdeq.ReversibleAdjoint(checkpoints=0)
     with pytest.raises(eqx.EquinoxRuntimeError, match="overflowed"):
         grad_args_y0(args, y0, fn, solver, pure, 100)
@@ -450,7 +450,8 @@ def _grad_temp_bytes(adjoint, max_steps, checkpoints=8):
 def test_memory_flat_in_max_steps(checkpoints):
     # Measured: 7104 bytes at max_steps 16, 64 and 4096 without checkpoints, 20656
     # with 8 (16 copies of the 512-byte state, and one more buffer while thinning).
-    reversible = eqxdeq.ReversibleAdjoint()
+    # (No checkpoints: 0 on the solver and the adjoint, see `ReversibleAdjoint`.)
+    reversible = eqxdeq.ReversibleAdjoint(checkpoints=checkpoints)
     assert _grad_temp_bytes(reversible, 64, checkpoints) == _grad_temp_bytes(
         reversible, 4096, checkpoints
     )
@@ -465,7 +466,7 @@ def test_bptt_memory_grows_in_max_steps():
     bptt = optx.RecursiveCheckpointAdjoint()
     assert _grad_temp_bytes(bptt, 4096) > 2 * _grad_temp_bytes(bptt, 64)
     assert _grad_temp_bytes(bptt, 64) > _grad_temp_bytes(
-        eqxdeq.ReversibleAdjoint(), 64, checkpoints=0
+        eqxdeq.ReversibleAdjoint(checkpoints=0), 64, checkpoints=0
     )
     assert _grad_temp_bytes(bptt, 4096) > _grad_temp_bytes(
         eqxdeq.ReversibleAdjoint(), 4096
