@@ -325,7 +325,7 @@ def check_tolerances(name: str, rtol: Any, atol: Any, y: Any) -> None:
 def check_newton_krylov_arguments(
     forcing: Any,
     pseudo_time_step: Any,
-    line_search: Any,
+    line_search: Any = False,
     forcing_min: Any = None,
     forcing_max: Any = 0.5,
     owner: str = "NewtonKrylov",
