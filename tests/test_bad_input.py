@@ -17,6 +17,7 @@ constructor arguments before eqxdeq's own checks can run and raises its own
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -63,11 +64,11 @@ STALLING = eqxdeq.Picard(
 )
 
 
-def _solve(fn, solver=PICARD, y0=Y0, **kwargs):
+def _solve(fn: Any, solver: Any = PICARD, y0: Any = Y0, **kwargs: Any):
     return lambda: eqxdeq.fixed_point(fn, solver, y0, **kwargs)
 
 
-def _optx(fn, solver=PICARD, y0=Y0, **kwargs):
+def _optx(fn: Any, solver: Any = PICARD, y0: Any = Y0, **kwargs: Any):
     return lambda: optx.fixed_point(fn, solver, y0, **kwargs)
 
 
