@@ -44,12 +44,14 @@ FORWARD = eqxdeq.NewtonKrylov(TOL, TOL)
 PROBE = eqxdeq.BackwardStats.probe()
 
 
-def loss(args, adjoint, solver=FORWARD):
+def loss(args, adjoint, solver: optx.AbstractFixedPointSolver = FORWARD):
     sol = optx.fixed_point(layer, solver, jnp.zeros(N), args, adjoint=adjoint)
     return jnp.sum(jnp.sin(sol.value))
 
 
-def grad_and_stats(radius, make, solver=FORWARD, transform=lambda f: f):
+def grad_and_stats(
+    radius, make, solver: optx.AbstractFixedPointSolver = FORWARD, transform=lambda f: f
+):
     """Gradient with respect to `(W, b)`, and the probe's gradient."""
 
     def fn(args, probe):

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, Float, PyTree
 
 from .._misc import stats_dtype, tree_allfinite, tree_where, two_norm, ω
@@ -141,31 +142,31 @@ class BackwardStats(eqx.Module):
 
     @property
     def solves(self) -> Array:
-        return self.data[..., _SOLVES]
+        return jnp.asarray(self.data)[..., _SOLVES]
 
     @property
     def steps(self) -> Array:
-        return self.data[..., _STEPS]
+        return jnp.asarray(self.data)[..., _STEPS]
 
     @property
     def residual(self) -> Array:
-        return self.data[..., _RESIDUAL]
+        return jnp.asarray(self.data)[..., _RESIDUAL]
 
     @property
     def relative_residual(self) -> Array:
-        return self.data[..., _RELATIVE]
+        return jnp.asarray(self.data)[..., _RELATIVE]
 
     @property
     def failed(self) -> Array:
-        return self.data[..., _FAILED]
+        return jnp.asarray(self.data)[..., _FAILED]
 
     @property
     def fallbacks(self) -> Array:
-        return self.data[..., _FALLBACKS]
+        return jnp.asarray(self.data)[..., _FALLBACKS]
 
     @property
     def results(self) -> Array:
-        return self.data[..., _RESULTS0:]
+        return jnp.asarray(self.data)[..., _RESULTS0:]
 
     @property
     def result(self) -> RESULTS:
@@ -242,7 +243,7 @@ def _describe_value(value) -> str | None:
         return str(int(value))
     if isinstance(value, float | np.floating):
         return f"{float(value):.3g}"
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         return "<traced>"
     if eqx.is_array(value) and jnp.ndim(value) == 0:
         return _describe_value(value.item())
@@ -343,10 +344,11 @@ def backward_result(
     finite_b = tree_allfinite(vector)
     precise = RESULTS.where(
         (precise == RESULTS.successful) & jnp.logical_not(finite_x),
-        RESULTS.singular,
+        RESULTS.singular,  # pyright: ignore[reportArgumentType]
         precise,
     )
-    precise = RESULTS.where(finite_b, precise, RESULTS.nonfinite_input)
+    nonfinite = RESULTS.nonfinite_input
+    precise = RESULTS.where(finite_b, precise, nonfinite)  # pyright: ignore
     with jax.ensure_compile_time_eval():
         value = jnp.asarray(_BACKWARD_TABLE)[precise._value]
     return results_item(value)
@@ -494,7 +496,8 @@ class BackwardSolver(lx.AbstractLinearSolver[_BackwardState]):
                     lambda: jnp.asarray(jnp.inf, dtype),
                 )
             accept = stagnated & (stagnated_relative <= self.stagnation_tol)
-            precise = RESULTS.where(accept, RESULTS.successful, precise)
+            success = RESULTS.successful
+            precise = RESULTS.where(accept, success, precise)  # pyright: ignore
         failed = precise != RESULTS.successful
         bad_cotangent = precise == RESULTS.backward_nonfinite_cotangent
         policy = self.on_failure
@@ -611,7 +614,8 @@ def _unroll_tap_bwd(steps, slot, cotangents):
     norm_out = two_norm(root_bar, dtype)
     finite_in = tree_allfinite(zero_bar)
     diverged = (norm_out > norm_in) | jnp.logical_not(tree_allfinite(root_bar))
-    result = RESULTS.where(diverged, RESULTS.backward_diverged, RESULTS.successful)
+    success = RESULTS.successful
+    result = RESULTS.where(diverged, RESULTS.backward_diverged, success)  # pyright: ignore
     result = RESULTS.where(finite_in, result, RESULTS.backward_nonfinite_cotangent)
     relative = jnp.where(norm_in > 0, norm_out / jnp.where(norm_in > 0, norm_in, 1), 0)
     data = one_solve(

@@ -128,11 +128,10 @@ def _uniform_primal(packed):
 def _uniform_rewrite(root, residual, packed):
     inputs, _, rewrite, slot = packed
     y0 = inputs[INPUT_Y0]
-    if slot is not None:
-        root, q = root
-    out = to_view(rewrite(from_view(root, y0), residual, inputs), solve_dtype(y0))
     if slot is None:
-        return out
+        return to_view(rewrite(from_view(root, y0), residual, inputs), solve_dtype(y0))
+    root, q = root
+    out = to_view(rewrite(from_view(root, y0), residual, inputs), solve_dtype(y0))
     # `one` is exactly 1, but batched wherever the fixed point is (under `vmap`), so
     # that the slot of the linear system is too: each batch element then reports
     # its own statistics, summed into an unbatched probe by JAX's transpose.

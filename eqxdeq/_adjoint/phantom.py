@@ -2,6 +2,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 
@@ -127,7 +128,8 @@ class PhantomAdjoint(optx.AbstractAdjoint):
         y = root
         if self.probe is not None:
             dtype = stats_dtype(inputs[INPUT_Y0])
-            y, zero = unroll_tap(root, self.probe.data.astype(dtype), self.steps)
+            slot = jnp.asarray(self.probe.data).astype(dtype)
+            y, zero = unroll_tap(root, slot, self.steps)
         for _ in range(self.steps):
             f_val, _ = fn(y, args)
             y = jtu.tree_map(

@@ -142,7 +142,9 @@ def _reversible_solve_bwd(
     # unrelated to them: its gradient is luck (measured on the reversible page).
     drifted = relative > _MAX_RELATIVE_DRIFT
     result = RESULTS.where(
-        drifted, RESULTS.backward_reconstruction_drifted, RESULTS.successful
+        drifted,
+        RESULTS.backward_reconstruction_drifted,
+        RESULTS.successful,  # pyright: ignore[reportArgumentType]
     )
     result = RESULTS.where(overflow, RESULTS.backward_reconstruction_overflow, result)
     result = RESULTS.where(
@@ -303,7 +305,7 @@ class ReversibleAdjoint(optx.AbstractAdjoint):
         report = Report(description, self.on_failure, self.callback, None)
         if self.probe is not None:
             dtype = stats_dtype(inputs[INPUT_Y0])
-            probe = self.probe.data.astype(dtype)
+            probe = jnp.asarray(self.probe.data).astype(dtype)
         else:
             probe = None
         rest = tuple(inputs[INPUT_Y0 + 2 : NUM_INPUTS])
