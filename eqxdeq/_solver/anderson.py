@@ -36,7 +36,7 @@ class Anderson(AbstractDescentSearchSolver[Y, Aux]):
         rtol: float,
         atol: float,
         norm: Callable[[PyTree], Scalar] = optx.max_norm,
-        memory: int = 5,
+        memory: int = 8,
         relaxation: float = 1.0,
         regularisation: float = 1e-8,
         restart_factor: float | None = 1e2,
@@ -65,7 +65,7 @@ Anderson.__init__.__doc__ = (
     """**Arguments:**
 
 - `rtol`, `atol`, `norm`: as for [`eqxdeq.Picard`][].
-- `memory`: the history depth $m \\ge 1$.
+- `memory`: the history depth $m \\ge 1$ (default 8).
 - `relaxation`: the weight $\\beta \\in (0, 1]$ on $f$ in the mixed update.
 - `regularisation`: the ridge on the small least-squares problem, relative to the mean
     diagonal of its Gram matrix.

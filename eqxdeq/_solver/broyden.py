@@ -37,7 +37,7 @@ class Broyden(AbstractDescentSearchSolver[Y, Aux]):
         rtol: float,
         atol: float,
         norm: Callable[[PyTree], Scalar] = optx.max_norm,
-        memory: int = 16,
+        memory: int = 8,
         *,
         line_search: bool = False,
         termination: Termination = Termination(),
@@ -61,7 +61,8 @@ Broyden.__init__.__doc__ = (
     """**Arguments:**
 
 - `rtol`, `atol`, `norm`: as for [`eqxdeq.Picard`][].
-- `memory`: the number of rank-one updates kept before the estimate resets to $-I$.
+- `memory`: the number of rank-one updates kept before the estimate resets to $-I$
+    (default 8).
 - `line_search`: use [`eqxdeq.DerivativeFreeBacktracking`][].
 """
     + COMMON_ARGUMENTS_DOC
