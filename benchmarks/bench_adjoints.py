@@ -56,6 +56,17 @@ else:  # run as a script: benchmarks/ is on sys.path
 import eqxdeq
 
 
+try:  # banax (Python >= 3.12) is optional: without it its comparison is skipped.
+    import banax.adjoint
+    import banax.solver
+
+    BANAX_ERROR = None
+except Exception as e:  # noqa: BLE001 (ImportError, or a SyntaxError on old Pythons)
+    banax = None
+    BANAX_ERROR = f"{type(e).__name__}: {e}"
+BANAX_MEMORY = 8  # Broyden's memory on both sides (eqxdeq's default)
+
+
 DENSE_DEFAULT = "optx.ImplicitAdjoint() [default, dense]"
 QUICK_SPECS = (ProblemSpec(64, 8, 0.9),)
 FULL_SPECS = (ProblemSpec(256, 32, 0.9), ProblemSpec(256, 32, 0.99))
@@ -213,6 +224,112 @@ def table(rows: list[dict]) -> str:
     return markdown_table(headers, body)
 
 
+def banax_pairs(tol: float, max_steps: int = 5000) -> dict:
+    """name -> (eqxdeq (adjoint, solver), banax adjoint): the same forward method and
+    the same absolute ℓ2 test `‖f(z) − z‖₂ ≤ tol` on both sides."""
+    ours = dict(norm=optx.two_norm, termination=eqxdeq.Termination(criterion="norm"))
+    theirs = dict(atol=tol, rtol=0.0, max_steps=max_steps)
+    picard = eqxdeq.Picard(0.0, tol, **ours)
+    broyden = eqxdeq.Broyden(0.0, tol, memory=BANAX_MEMORY, **ours)
+    b_picard = banax.solver.Picard(**theirs)  # pyright: ignore
+    b_broyden = banax.solver.Broyden(  # pyright: ignore
+        history_size=BANAX_MEMORY, **theirs
+    )
+    return {
+        "JFB [Picard]": (
+            (eqxdeq.JFB(), picard),
+            banax.adjoint.JFB(solver=b_picard),  # pyright: ignore
+        ),
+        f"SHINE / GDEQ [Broyden(memory={BANAX_MEMORY})]": (
+            (eqxdeq.ShineAdjoint(), broyden),
+            banax.adjoint.GDEQ(solver=b_broyden),  # pyright: ignore
+        ),
+        "implicit, fixed-point backward [Picard]": (
+            (
+                eqxdeq.ImplicitAdjoint(
+                    eqxdeq.Richardson(0.0, tol, max_steps=max_steps, norm=optx.two_norm)
+                ),
+                picard,
+            ),
+            banax.adjoint.Implicit(  # pyright: ignore
+                solver=b_picard,
+                b_solver=banax.solver.Picard(**theirs),  # pyright: ignore
+            ),
+        ),
+    }
+
+
+def run_banax(
+    spec: ProblemSpec, *, repeats: int = 5, min_time: float = 2.0
+) -> list[dict]:
+    """eqxdeq against banax, forward + backward, for each of `banax_pairs`. The ℓ2
+    tolerance is 1e-5 ‖z*‖₂ (a relative residual of 1e-5)."""
+    problem = make_tanh_problem(spec)
+    fn, y0 = problem.fn, problem.y0
+    z_star = optx.fixed_point(fn, eqxdeq.Anderson(1e-6, 1e-6), y0, problem.args).value
+    tol = 1e-5 * float(jnp.linalg.norm(z_star))
+    fns, forwards = {}, {}
+    for name, ((adjoint, solver), b_adjoint) in banax_pairs(tol).items():
+
+        def loss_ours(params, adjoint=adjoint, solver=solver):
+            sol = optx.fixed_point(
+                fn, solver, y0, params, adjoint=adjoint, max_steps=5000, throw=False
+            )
+            return loss_of_fixed_point(sol.value), (sol.value, sol.stats["num_steps"])
+
+        def loss_theirs(params, b_adjoint=b_adjoint):
+            sol = b_adjoint((fn, (params,)), y0)
+            # (banax evaluates f once in `init` and once per step.)
+            return loss_of_fixed_point(sol.value), (sol.value, sol.stats.steps + 1)
+
+        for side, loss in (("eqxdeq", loss_ours), ("banax", loss_theirs)):
+            grad = eqx.filter_jit(jax.grad(loss, has_aux=True))
+            fns[(name, side)] = grad
+            forwards[(name, side)] = grad(problem.args)
+    print(
+        f"timing eqxdeq vs banax, {spec.name} (load {load_average()})", file=sys.stderr
+    )
+    times = time_interleaved_all(fns, problem.args, repeats=repeats, min_time=min_time)
+    rows = []
+    for name in banax_pairs(tol):
+        row = dict(problem=spec.name, method=name)
+        for side in ("eqxdeq", "banax"):
+            grad, (z, steps) = forwards[(name, side)]
+            row[side] = min(times[(name, side)])
+            row[side + "_steps"] = int(steps)
+            row[side + "_error"] = relative_error(grad, exact_gradient(problem, z))
+        row["ratio"] = row["eqxdeq"] / row["banax"]
+        rows.append(row)
+    return rows
+
+
+def banax_table(rows: list[dict]) -> str:
+    body = [
+        [
+            row["method"],
+            str(row["eqxdeq_steps"]),
+            str(row["banax_steps"]),
+            fmt_time(row["eqxdeq"]),
+            fmt_time(row["banax"]),
+            fmt_ratio(row["ratio"]),
+            f"{row['eqxdeq_error']:.1e}",
+            f"{row['banax_error']:.1e}",
+        ]
+        for row in rows
+    ]
+    headers = [
+        "method [forward solver]",
+        "eqxdeq fwd f-evals",
+        "banax fwd f-evals",
+        "eqxdeq fwd+bwd",
+        "banax fwd+bwd",
+        "eqxdeq / banax",
+        "eqxdeq grad error",
+        "banax grad error",
+    ]
+    return markdown_table(headers, body)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
@@ -230,6 +347,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print()
         print(table(problem_rows))
         print()
+    if banax is None:
+        print(f"_banax is not importable here (`{BANAX_ERROR}`): no comparison._")
+    else:
+        for spec in specs:
+            print(f"### eqxdeq against banax, {spec.name}: fwd+bwd, fastest calls")
+            print()
+            print(banax_table(run_banax(spec, repeats=args.repeats)))
+            print()
     return rows
 
 

@@ -78,7 +78,7 @@ def make_problem(spec: ProblemSpec, scales=SCALES, seed: int = 0) -> Problem:
 
 def solvers(rtol: float, atol: float) -> dict[str, optx.AbstractFixedPointSolver]:
     return {
-        "eqxdeq.Anderson(m=5)": eqxdeq.Anderson(rtol, atol),
+        "eqxdeq.Anderson(m=5)": eqxdeq.Anderson(rtol, atol, memory=5),
         "eqxdeq.Picard": eqxdeq.Picard(rtol, atol),
     }
 

@@ -79,7 +79,7 @@ def solvers(
     kw = dict(norm=optx.two_norm, termination=term, history_length=history_length)
     out: dict[str, optx.AbstractFixedPointSolver] = {
         "Picard": eqxdeq.Picard(rtol, 0.0, **kw),
-        "Anderson(m=5)": eqxdeq.Anderson(rtol, 0.0, **kw),
+        "Anderson(m=5)": eqxdeq.Anderson(rtol, 0.0, memory=5, **kw),
         "Broyden + line search": eqxdeq.Broyden(rtol, 0.0, line_search=True, **kw),
         "NewtonKrylov (default: pseudo-transient, dt0=1)": eqxdeq.NewtonKrylov(
             rtol, 0.0, **kw
