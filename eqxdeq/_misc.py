@@ -88,8 +88,15 @@ def tree_inner(x: PyTree[Array], y: PyTree[Array], dtype) -> Scalar:
 
 def two_norm(x: PyTree[Array], dtype) -> Scalar:
     """Euclidean norm of a pytree (of $|x_i|$ for complex leaves), accumulated in
-    the real dtype of `dtype`."""
-    return jnp.sqrt(tree_inner(x, x, real_dtype(dtype)))
+    the real dtype of `dtype`.
+
+    Its derivative at `x = 0` is 0, not the NaN of `sqrt`'s (∞ · 0): jax < 0.7
+    differentiates loop carries that the output does not depend on, so an unused
+    ‖g‖ of an exact fixed point (e.g. `y0` already one) turned the whole gradient
+    into NaN under backpropagation through the iterations."""
+    squared = tree_inner(x, x, real_dtype(dtype))
+    zero = squared == 0  # (not `squared > 0`: a NaN norm stays NaN)
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, squared)))
 
 
 def max_norm(x: PyTree[Array], dtype) -> Scalar:

@@ -337,3 +337,22 @@ _CASES: dict[str, Callable[[], None]] = {
 @pytest.mark.parametrize("check", list(_CASES.values()), ids=list(_CASES))
 def test_internal(check):
     check()
+
+
+def test_oldest_constraints_pin_the_lower_bounds():
+    """CI's oldest-versions run installs with `.ci/oldest-constraints.txt`: it must
+    pin every lower bound of `[project] dependencies` exactly, and jaxlib to jax."""
+    from packaging.requirements import Requirement
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    with (root / "pyproject.toml").open("rb") as f:
+        deps = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+    lower = {r.name: s.version for r in deps for s in r.specifier if s.operator == ">="}
+    pins = {}
+    for line in (root / ".ci" / "oldest-constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.strip()] = version.strip()
+    assert pins.pop("jaxlib") == lower["jax"]
+    assert pins == lower

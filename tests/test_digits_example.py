@@ -8,6 +8,13 @@ import jax
 import pytest
 
 
+# `jax.enable_x64` (a context manager) is recent; older jax has it only as
+# `jax.experimental.enable_x64`, which newer jax no longer has.
+try:
+    _enable_x64 = jax.enable_x64
+except AttributeError:
+    from jax.experimental import enable_x64 as _enable_x64  # pyright: ignore
+
 _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
 
 
@@ -21,7 +28,7 @@ def _load():
 @pytest.fixture
 def float32_standard():
     # The example runs as users run it: float32, standard dtype promotion.
-    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+    with _enable_x64(False), jax.numpy_dtype_promotion("standard"):
         yield
 
 
