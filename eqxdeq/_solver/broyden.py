@@ -37,7 +37,7 @@ class Broyden(AbstractDescentSearchSolver[Y, Aux]):
         rtol: float,
         atol: float,
         norm: Callable[[PyTree], Scalar] = optx.max_norm,
-        memory: int = 8,
+        memory: int | None = None,
         *,
         line_search: bool = False,
         termination: Termination = Termination(),
@@ -47,6 +47,11 @@ class Broyden(AbstractDescentSearchSolver[Y, Aux]):
         self.rtol = rtol
         self.atol = atol
         self.norm = norm
+        if memory is None:
+            # Measured on the benchmark layers (benchmarks/bench_history.py and the
+            # guide "Choosing a solver"): 8 is best for unit steps, 16 with the line
+            # search (8 needed up to 1.5x the evaluations there).
+            memory = 16 if line_search is True else 8
         self.descent = BroydenDescent(memory)
         self.search = make_search("Broyden", 1.0, line_search)
         self.termination = termination
@@ -61,8 +66,8 @@ Broyden.__init__.__doc__ = (
     """**Arguments:**
 
 - `rtol`, `atol`, `norm`: as for [`eqxdeq.Picard`][].
-- `memory`: the number of rank-one updates kept before the estimate resets to $-I$
-    (default 8).
+- `memory`: the number of rank-one updates kept before the estimate resets to $-I$.
+    Default: 8, or 16 with `line_search=True`.
 - `line_search`: use [`eqxdeq.DerivativeFreeBacktracking`][].
 """
     + COMMON_ARGUMENTS_DOC
