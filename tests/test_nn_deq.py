@@ -41,8 +41,10 @@ def _matrix(key, n, m, norm, dtype=jnp.float64):
 
 
 def _err(a):
-    """`max |a|` of an array, as a Python float."""
-    return float(np.max(np.abs(np.asarray(a, np.float64))))
+    """`max |a|` of an array, as a Python float. (The modulus is taken before the
+    cast: numpy >= 2.5's `eigvals` returns a complex array even for real
+    eigenvalues, and casting complex to float warns.)"""
+    return float(np.max(np.abs(np.asarray(a))).astype(np.float64))
 
 
 class TanhCell(eqx.Module):
