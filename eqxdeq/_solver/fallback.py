@@ -209,47 +209,50 @@ class Fallback(optx.AbstractFixedPointSolver[Y, Aux, _FallbackState]):
                     failed = failed | (
                         jnp.invert(converged) & (stage_num_steps[i] >= limit)
                     )
-                progress = None
-                if isinstance(solver, AbstractProgressSolver):
-                    progress = stage_state.progress
-                options_next = {}
-                following = self.solvers[i + 1]
-                allowed = _handover_options(following)
-                if progress is not None and progress.best is not None:
-                    point, g, point_aux = progress.best
-                    if "y0_evaluation" in allowed:
-                        f = (point**ω + g**ω).ω
-                        options_next["y0_evaluation"] = (f, point_aux)
-                else:
-                    point, point_aux = new_y, aux
-                if progress is not None and "reference_residual" in allowed:
-                    options_next["reference_residual"] = progress.initial_residual
-                next_state = following.init(
-                    fn,
-                    point,
-                    args,
-                    options_next,
-                    jax.eval_shape(lambda: y),
-                    jax.eval_shape(lambda: aux),
-                    tags,
-                )
-                next_terminate, next_result = following.terminate(
-                    fn, point, args, {}, next_state, tags
-                )
-                handed_over = states[: i + 1] + (next_state,) + states[i + 2 :]
-                return tree_where(
-                    failed,
-                    (
+                stay = (new_y, aux, stage, stage_num_steps, terminate, result, states)
+
+                def hand_over(stay):
+                    new_y, aux, _, stage_num_steps, _, _, states = stay
+                    progress = None
+                    if isinstance(solver, AbstractProgressSolver):
+                        progress = states[i].progress
+                    options_next = {}
+                    following = self.solvers[i + 1]
+                    allowed = _handover_options(following)
+                    if progress is not None and progress.best is not None:
+                        point, g, point_aux = progress.best
+                        if "y0_evaluation" in allowed:
+                            f = (point**ω + g**ω).ω
+                            options_next["y0_evaluation"] = (f, point_aux)
+                    else:
+                        point, point_aux = new_y, aux
+                    if progress is not None and "reference_residual" in allowed:
+                        options_next["reference_residual"] = progress.initial_residual
+                    next_state = following.init(
+                        fn,
+                        point,
+                        args,
+                        options_next,
+                        jax.eval_shape(lambda: y),
+                        jax.eval_shape(lambda: aux),
+                        tags,
+                    )
+                    next_terminate, next_result = following.terminate(
+                        fn, point, args, {}, next_state, tags
+                    )
+                    return (
                         point,
                         point_aux,
                         jnp.array(i + 1),
                         stage_num_steps,
                         next_terminate,
                         next_result,
-                        handed_over,
-                    ),
-                    (new_y, aux, stage, stage_num_steps, terminate, result, states),
-                )
+                        states[: i + 1] + (next_state,) + states[i + 2 :],
+                    )
+
+                # A real branch: the next stage is set up only on the step that
+                # hands over (under `jax.vmap`, as everywhere, both sides run).
+                return lax.cond(failed, hand_over, lambda stay: stay, stay)
 
             return branch
 
