@@ -17,7 +17,6 @@ from jaxtyping import Array, ArrayLike, Bool, Int, PyTree, Scalar
 
 from ._custom_types import Aux, Fn, Y
 from ._misc import (
-    is_python_number,
     stats_dtype,
     tree_where,
     tree_zeros_like_struct,
@@ -25,6 +24,7 @@ from ._misc import (
     ω,
 )
 from ._results import RESULTS
+from ._validation import check_termination_fields
 
 
 class Termination(eqx.Module):
@@ -63,24 +63,7 @@ class Termination(eqx.Module):
                 "`Termination(criterion=...)` must be 'elementwise' or 'norm', got "
                 f"{self.criterion!r}."
             )
-        if (
-            self.divergence_factor is not None
-            and is_python_number(self.divergence_factor)
-            and not self.divergence_factor > 1
-        ):
-            raise ValueError(
-                "`Termination(divergence_factor=...)` must be greater than 1 (or "
-                "`None` to disable divergence detection)."
-            )
-        if self.stall_patience is not None and (
-            not isinstance(self.stall_patience, int) or self.stall_patience < 1
-        ):
-            raise ValueError(
-                "`Termination(stall_patience=...)` must be a positive integer (or "
-                "`None` to disable stall detection)."
-            )
-        if is_python_number(self.stall_tol) and not 0 <= self.stall_tol < 1:
-            raise ValueError("`Termination(stall_tol=...)` must be in [0, 1).")
+        check_termination_fields(self)
 
     def converged(
         self, rtol, atol, norm, residual: PyTree[Array], fy: PyTree[Array]

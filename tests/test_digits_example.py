@@ -20,6 +20,7 @@ _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.py")
 
 def _load():
     spec = importlib.util.spec_from_file_location("digits_example", _PATH)
+    assert spec is not None and spec.loader is not None, _PATH
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

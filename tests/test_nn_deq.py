@@ -168,7 +168,7 @@ PICARD = eqxdeq.Picard(1e-12, 1e-12)
 STEPS = 100
 
 
-def _deq(cell, solver=PICARD, latent=(N,), **kwargs):
+def _deq(cell, solver: optx.AbstractFixedPointSolver = PICARD, latent=(N,), **kwargs):
     return DEQ(cell, latent, solver, max_steps=kwargs.pop("max_steps", STEPS), **kwargs)
 
 
@@ -328,7 +328,10 @@ def test_training_step_with_optax(getkey):
     assert losses[-1] < 0.7 * losses[0], losses
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # The cell was trained too, not just the readout...
-    assert not jnp.array_equal(model[0].cell.weight, deq.cell.weight)
+    assert not jnp.array_equal(
+        model[0].cell.weight,  # pyright: ignore[reportFunctionMemberAccess]
+        deq.cell.weight,  # pyright: ignore[reportFunctionMemberAccess]
+    )
     # ...but not the solver: the DEQ's only parameters are the cell's, and the step
     # compiled once (the weak type of the solver's step size did not flip).
     params = eqx.filter(deq, eqx.is_inexact_array)
@@ -542,6 +545,7 @@ def test_spectral_radius_stat(getkey):
     x = _input(getkey())
     z, stats = _deq(cell, TIGHT, spectral_radius_iters=30)(x, key=getkey())
     dense = _dense_spectral_radius(cell, z, x)
+    assert stats.spectral_radius is not None
     assert abs(float(stats.spectral_radius) - float(dense)) < 1e-3
     # The Jacobian at z* is not that at 0, nor W: the estimate is taken at z*.
     assert abs(float(_dense_spectral_radius(cell, jnp.zeros(N), x) - dense)) > 1e-2
@@ -556,6 +560,7 @@ def test_history_and_nstep(getkey):
     cell, x = make_cell(getkey()), _input(getkey())
     z, stats = _deq(cell, PICARD_HISTORY)(x, step_budget=_budget(STEPS))
     history, steps = stats.residual_history, int(stats.num_steps)
+    assert history is not None
     assert history.shape == (STEPS,) and bool(stats.successful)
     assert bool(jnp.all(jnp.isfinite(history[:steps])))
     assert bool(jnp.all(jnp.isnan(history[steps:])))
@@ -583,6 +588,7 @@ def test_nstep_with_non_monotone_history(getkey):
     early = 0
     for budget in (3, 6, 9, 10, 12):
         z, stats = _deq(cell, PICARD_HISTORY)(x, step_budget=_budget(budget))
+        assert stats.residual_history is not None
         history = stats.residual_history[:budget]
         nstep = int(stats.nstep)
         assert nstep == int(jnp.argmin(history)) + 1

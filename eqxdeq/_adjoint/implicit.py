@@ -8,6 +8,7 @@ import lineax as lx
 import numpy as np
 import optimistix as optx
 
+from .._validation import check_linear_solver
 from ._backward import (
     BackwardStats,
     check_callback,
@@ -82,6 +83,9 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
     probe: BackwardStats | None = eqx.field(default=None, kw_only=True)
 
     def __check_init__(self):
+        check_linear_solver(
+            "ImplicitAdjoint", "linear_solver", self.linear_solver, allow_none=True
+        )
         check_on_failure(self.on_failure, "ImplicitAdjoint")
         check_callback(self.callback, "ImplicitAdjoint")
         check_probe(self.probe, "ImplicitAdjoint")

@@ -7,7 +7,8 @@ import jax.tree_util as jtu
 import optimistix as optx
 
 from .._linear_solver import Neumann
-from .._misc import is_python_number, stats_dtype
+from .._misc import stats_dtype
+from .._validation import check_int, check_real
 from ._backward import (
     BackwardStats,
     check_callback,
@@ -84,10 +85,15 @@ class PhantomAdjoint(optx.AbstractAdjoint):
     probe: BackwardStats | None = eqx.field(default=None, kw_only=True)
 
     def __check_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError("`PhantomAdjoint(steps=...)` must be a non-negative int.")
-        if is_python_number(self.damping) and not 0 < self.damping <= 1:
-            raise ValueError("`PhantomAdjoint(damping=...)` must be in (0, 1].")
+        check_int("PhantomAdjoint", "steps", self.steps, minimum=0)
+        check_real(
+            "PhantomAdjoint",
+            "damping",
+            self.damping,
+            lower=0,
+            lower_open=True,
+            upper=1,
+        )
         if self.mode not in ("neumann", "unroll"):
             raise ValueError(
                 "`PhantomAdjoint(mode=...)` must be 'neumann' or 'unroll', got "

@@ -10,7 +10,7 @@ import optimistix as optx
 
 from .._misc import stats_dtype, tree_allfinite, tree_where, two_norm, ω
 from .._results import RESULTS
-from .._solver.reversible import check_checkpoints, Reversible, unrelax, weights
+from .._solver.reversible import check_checkpoints, Reversible, scale, unrelax
 from ._backward import (
     BackwardStats,
     call_back,
@@ -32,11 +32,6 @@ from ._core import (
 )
 
 
-def _scale(beta, tree, *, keep: bool):
-    """`(1 - β) tree` if `keep`, else `β tree`, as `relax` weights them."""
-    return jtu.tree_map(lambda a: weights(beta, a)[0 if keep else 1] * a, tree)
-
-
 def _zeros_if_none(cotangent, like):
     if cotangent is None:
         return jtu.tree_map(jnp.zeros_like, like)
@@ -48,7 +43,6 @@ def _zeros_if_none(cotangent, like):
     )
 
 
-DEFAULT_CHECKPOINTS = 8
 _MAX_RELATIVE_DRIFT = 1.0
 
 
@@ -105,14 +99,14 @@ def _reversible_solve_bwd(
         # Undo z' = (1 - β) z + β f(y'), and pull β z̄' back through f(y').
         f_y, vjp_y = jax.vjp(f, diff_params, y)
         z = unrelax(beta, z, f_y)
-        params_bar_y, y_bar_f = vjp_y(_scale(beta, z_bar, keep=False))
+        params_bar_y, y_bar_f = vjp_y(scale(beta, z_bar, keep=False))
         y_bar = (y_bar**ω + y_bar_f**ω).ω
         # Undo y' = (1 - β) y + β f(z), and pull β ȳ' back through f(z).
         f_z, vjp_z = jax.vjp(f, diff_params, z)
         y = unrelax(beta, y, f_z)
-        params_bar_z, z_bar_f = vjp_z(_scale(beta, y_bar, keep=False))
-        y_bar = _scale(beta, y_bar, keep=True)
-        z_bar = (_scale(beta, z_bar, keep=True) ** ω + z_bar_f**ω).ω
+        params_bar_z, z_bar_f = vjp_z(scale(beta, y_bar, keep=False))
+        y_bar = scale(beta, y_bar, keep=True)
+        z_bar = (scale(beta, z_bar, keep=True) ** ω + z_bar_f**ω).ω
         params_bar = jtu.tree_map(
             lambda a, b, c: a + b + c, params_bar, params_bar_y, params_bar_z
         )
@@ -263,14 +257,8 @@ class ReversibleAdjoint(optx.AbstractAdjoint):
 
     def _checkpoints(self, solver: Reversible) -> int:
         """The number of checkpoints the solve keeps: the solver's, validated
-        against this adjoint's `checkpoints`."""
+        against this adjoint's `checkpoints` (the adjoint never changes it)."""
         ours, theirs = self.checkpoints, solver.checkpoints
-        if theirs == 0:
-            # TRANSITIONAL, until `Reversible(checkpoints=...)` defaults to
-            # `DEFAULT_CHECKPOINTS` itself: a solver left at its current default of 0
-            # keeps the adjoint's number (by default `DEFAULT_CHECKPOINTS`), as
-            # before. Pass `ReversibleAdjoint(checkpoints=0)` for none.
-            return DEFAULT_CHECKPOINTS if ours is None else ours
         if ours is not None and ours != theirs:
             raise ValueError(
                 f"`eqxdeq.ReversibleAdjoint(checkpoints={ours})` does not match "
@@ -295,9 +283,6 @@ class ReversibleAdjoint(optx.AbstractAdjoint):
                 "`optimistix.RecursiveCheckpointAdjoint()`) with other solvers."
             )
         checkpoints = self._checkpoints(solver)
-        if checkpoints != solver.checkpoints:
-            # TRANSITIONAL (see `_checkpoints`): only ever 0 -> a positive number.
-            solver = eqx.tree_at(lambda s: s.checkpoints, solver, checkpoints)
         description = (
             f"eqxdeq.ReversibleAdjoint() (eqxdeq.Reversible(checkpoints={checkpoints}))"
         )
@@ -328,10 +313,7 @@ ReversibleAdjoint.__init__.__doc__ = r"""**Arguments:**
 - `checkpoints`: `None` (default): use the number of checkpoints the solver keeps,
     [`eqxdeq.Reversible`][]`(checkpoints=...)`, which is where to set it. An int
     (even, or 0 for none) states the number this adjoint expects: a solver that
-    keeps a different positive number raises a `ValueError`. (Until
-    `Reversible(checkpoints=...)` defaults to 8 itself, a solver left at its
-    default of 0 keeps the adjoint's number, by default 8; pass
-    `ReversibleAdjoint(checkpoints=0)` for the paper's pure reconstruction.)
+    keeps a different number raises a `ValueError` naming both.
 - `on_failure`: what a failed backward pass (a reconstruction that overflowed) does:
     `"raise"` (default), `"nan"` (NaN gradients) or `"jfb"` (the JFB gradient at
     $y_N$). Keyword only.

@@ -6,6 +6,7 @@ import lineax as lx
 import optimistix as optx
 
 from .._linear_solver import Neumann
+from .._validation import check_linear_solver
 from ._backward import (
     BackwardStats,
     check_callback,
@@ -84,6 +85,9 @@ class ShineAdjoint(optx.AbstractAdjoint):
     probe: BackwardStats | None = eqx.field(default=None, kw_only=True)
 
     def __check_init__(self):
+        check_linear_solver(
+            "ShineAdjoint", "linear_solver", self.linear_solver, allow_none=False
+        )
         check_on_failure(self.on_failure, "ShineAdjoint")
         check_callback(self.callback, "ShineAdjoint")
         check_probe(self.probe, "ShineAdjoint")

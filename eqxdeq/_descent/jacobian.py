@@ -25,6 +25,7 @@ from .._misc import (
     field_dtype,
     from_view,
     is_complex,
+    is_python_number,
     max_norm,
     stats_dtype,
     to_view,
@@ -34,6 +35,7 @@ from .._misc import (
     two_norm,
     ω,
 )
+from .._validation import check_newton_krylov_arguments
 
 
 _ResidualJac = optx.FunctionInfo.ResidualJac
@@ -179,27 +181,23 @@ class NewtonKrylovDescent(AbstractJacobianDescent[Y, _NewtonKrylovState]):
                 f"`lineax.BiCGStab`, not {type(self.linear_solver).__name__}. (For a "
                 "direct solve use `optimistix.NewtonDescent(linear_solver=...)`.)"
             )
-        if isinstance(self.forcing, str):
-            if self.forcing != "eisenstat-walker":
-                raise ValueError(
-                    "`NewtonKrylovDescent(forcing=...)` must be 'eisenstat-walker' "
-                    "or a float in (0, 1)."
-                )
-        elif not 0 < self.forcing < 1:
-            raise ValueError("`NewtonKrylovDescent(forcing=...)` must be in (0, 1).")
-        if not 0 < self.forcing_max < 1:
-            raise ValueError(
-                "`NewtonKrylovDescent(forcing_max=...)` must be in (0, 1)."
-            )
-        if self.pseudo_time_step is not None and not self.pseudo_time_step > 0:
-            raise ValueError(
-                "`NewtonKrylovDescent(pseudo_time_step=...)` must be positive or None."
-            )
-        if self.forcing_min is not None and not 0 < self.forcing_min <= (
-            self.forcing_max
+        check_newton_krylov_arguments(
+            self.forcing,
+            self.pseudo_time_step,
+            forcing_min=self.forcing_min,
+            forcing_max=self.forcing_max,
+            owner="NewtonKrylovDescent",
+        )
+        if (
+            self.forcing_min is not None
+            and is_python_number(self.forcing_min)
+            and is_python_number(self.forcing_max)
+            and not self.forcing_min <= self.forcing_max
         ):
             raise ValueError(
-                "`NewtonKrylovDescent(forcing_min=...)` must be in (0, forcing_max]."
+                "`NewtonKrylovDescent(forcing_min=...)` must be in (0, forcing_max], "
+                f"got forcing_min={self.forcing_min!r} > forcing_max="
+                f"{self.forcing_max!r}."
             )
 
     def init(self, y: Y, f_info_struct) -> _NewtonKrylovState:

@@ -29,12 +29,12 @@ from .._custom_types import Y
 from .._misc import (
     complex_dtype,
     is_complex,
-    is_python_number,
     real_dtype,
     stats_dtype,
     tree_scale,
     two_norm,
 )
+from .._validation import check_int, check_real
 
 
 _Residual = optx.FunctionInfo.Residual
@@ -273,18 +273,25 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
     restart_factor: float | None = 1e2
 
     def __check_init__(self):
-        if not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError("`AndersonDescent(memory=...)` must be an int >= 1.")
-        if is_python_number(self.relaxation) and not 0 < self.relaxation <= 1:
-            raise ValueError("`AndersonDescent(relaxation=...)` must be in (0, 1].")
-        if is_python_number(self.regularisation) and not self.regularisation >= 0:
-            raise ValueError(
-                "`AndersonDescent(regularisation=...)` must be non-negative."
-            )
-        if self.restart_factor is not None and not self.restart_factor > 1:
-            raise ValueError(
-                "`AndersonDescent(restart_factor=...)` must be > 1 or `None`."
-            )
+        check_int("AndersonDescent", "memory", self.memory, minimum=1)
+        check_real(
+            "AndersonDescent",
+            "relaxation",
+            self.relaxation,
+            lower=0,
+            lower_open=True,
+            upper=1,
+        )
+        check_real("AndersonDescent", "regularisation", self.regularisation, lower=0)
+        check_real(
+            "AndersonDescent",
+            "restart_factor",
+            self.restart_factor,
+            lower=1,
+            lower_open=True,
+            allow_none=True,
+            allow_inf=True,
+        )
 
     def init(self, y: Y, f_info_struct: _Residual) -> _AndersonDescentState:
         vector, small = _vector_dtype(y), _small_dtype(y)
@@ -474,10 +481,15 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
     conditioning: float = 1e-6
 
     def __check_init__(self):
-        if not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError("`BroydenDescent(memory=...)` must be an int >= 1.")
-        if is_python_number(self.conditioning) and not 0 <= self.conditioning < 1:
-            raise ValueError("`BroydenDescent(conditioning=...)` must be in [0, 1).")
+        check_int("BroydenDescent", "memory", self.memory, minimum=1)
+        check_real(
+            "BroydenDescent",
+            "conditioning",
+            self.conditioning,
+            lower=0,
+            upper=1,
+            upper_open=True,
+        )
 
     def init(self, y: Y, f_info_struct: _Residual) -> _BroydenDescentState:
         vector, small = _vector_dtype(y), _small_dtype(y)

@@ -17,6 +17,7 @@ from .._misc import (
     two_norm,
     ω,
 )
+from .._validation import check_norm, check_real
 from .neumann import (
     is_integer,
     linearise_square,
@@ -119,11 +120,8 @@ class Richardson(lx.AbstractLinearSolver[SquareState]):
 
     def __check_init__(self):
         for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if is_python_number(value) and not value >= 0:
-                raise ValueError(
-                    f"`Richardson({name}=...)` must be non-negative, got {value!r}."
-                )
+            check_real("Richardson", name, getattr(self, name), lower=0)
+        check_norm("Richardson", self.norm)
         if self.max_steps is not None and (
             not is_integer(self.max_steps)
             or (is_python_number(self.max_steps) and self.max_steps < 1)

@@ -18,6 +18,7 @@ from .._termination import (
     Progress,
     Termination,
 )
+from .._validation import check_tolerances
 from ._base import check_solver_fields
 
 
@@ -49,13 +50,19 @@ def unrelax(beta, relaxed: PyTree[Array], new: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(_unrelax, relaxed, new)
 
 
+def scale(beta, tree: PyTree[Array], *, keep: bool) -> PyTree[Array]:
+    """`(1 - β) tree` if `keep`, else `β tree`: the two weights of `relax`, as the
+    backward pass of [`eqxdeq.ReversibleAdjoint`][] applies them to cotangents."""
+    return jtu.tree_map(lambda a: weights(beta, a)[0 if keep else 1] * a, tree)
+
+
 def reversible_step(fn, beta, y: Y, z: Y, args: PyTree):
-    """One step of the reversible iteration, shared by [`eqxdeq.Reversible`][] and
-    [`eqxdeq.ReversibleAdjoint`][]:
+    """One forward step of [`eqxdeq.Reversible`][]:
 
         y' = (1 - β) y + β f(z),    z' = (1 - β) z + β f(y').
 
-    Returns `(y', z', f(z), f(y'), aux(y'))`.
+    Returns `(y', z', f(z), f(y'), aux(y'))`. [`eqxdeq.ReversibleAdjoint`][] runs
+    it backwards with `unrelax` (the inverse of `relax`) and `scale`.
     """
     f_z, _ = fn(z, args)
     new_y = relax(beta, y, f_z)
@@ -191,7 +198,7 @@ class Reversible(AbstractProgressSolver[Y, Aux, _ReversibleState]):
     relaxation: float = 0.8
     termination: Termination = eqx.field(default=Termination(), kw_only=True)
     history_length: int = eqx.field(default=0, kw_only=True)
-    checkpoints: int = eqx.field(default=0, kw_only=True)
+    checkpoints: int = eqx.field(default=8, kw_only=True)
 
     def __check_init__(self):
         check_solver_fields(self, "Reversible")
@@ -214,6 +221,7 @@ class Reversible(AbstractProgressSolver[Y, Aux, _ReversibleState]):
     ) -> _ReversibleState[Y, Aux]:
         del fn, args, f_struct, tags
         check_options("Reversible", options, _OPTIONS)
+        check_tolerances("Reversible", self.rtol, self.atol, y)
         checkpoints = None
         if self.checkpoints > 0:
             checkpoints = Checkpoints.start(y, self.checkpoints)
@@ -277,7 +285,10 @@ Reversible.__init__.__doc__ = """**Arguments:**
 - `history_length`: if positive, `sol.stats["residual_history"]` records
     $\\|f(\\cdot)-\\cdot\\|_2$ at the first `history_length` evaluations (two per
     step). Default 0 (no cost).
-- `checkpoints`: the number of exact copies of $(y_n, z_n)$ kept for
-    [`eqxdeq.ReversibleAdjoint`][] (an even number, or 0 for none). Set by
-    `ReversibleAdjoint(checkpoints=...)`; there is no need to set it here.
+- `checkpoints`: the number of exact copies of $(y_n, z_n)$ the forward solve
+    keeps for [`eqxdeq.ReversibleAdjoint`][], which restarts its backward
+    reconstruction from each (an even number; default 8; 0 for the paper's pure
+    reconstruction). This is the one place to set it: the adjoint reads it. They
+    cost $2 \times$ `checkpoints` copies of $y$ and one buffer write per step;
+    with another adjoint, `checkpoints=0` saves both. Keyword only.
 """

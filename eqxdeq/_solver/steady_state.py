@@ -30,6 +30,7 @@ from .._termination import (
     Progress,
     Termination,
 )
+from .._validation import check_tolerances
 from ._base import check_solver_fields
 from ._common import COMMON_ARGUMENTS_DOC
 
@@ -141,6 +142,7 @@ class SteadyState(AbstractProgressSolver[Y, Aux, _SteadyStateState]):
     ) -> _SteadyStateState[Y, Aux]:
         del f_struct, tags
         check_options("SteadyState", options, BASIC_OPTIONS + ("reference_residual",))
+        check_tolerances("SteadyState", self.rtol, self.atol, y)
         dtype = stats_dtype(y)  # of the ODE and its time
         term, z = _residual_term(fn, y, dtype), to_view(y, dtype)
         t0, dt0 = jnp.zeros((), dtype), jnp.asarray(self.dt0, dtype)

@@ -350,6 +350,34 @@ class DEQ(eqx.Module):
         )
         return self._finish(sol, cell, x, z0, key, state, solver)
 
+    @overload
+    def trajectory(
+        self,
+        x: PyTree[Array],
+        state: None = None,
+        *,
+        n_states: int = 2,
+        indexing: Sequence[int] | None = None,
+        correction_adjoint: optx.AbstractAdjoint = ...,
+        key: PRNGKeyArray | None = None,
+        z0: PyTree[Array] | None = None,
+        inference: bool | None = None,
+    ) -> tuple[tuple[PyTree[Array], ...], DEQStats]: ...
+
+    @overload
+    def trajectory(
+        self,
+        x: PyTree[Array],
+        state: eqx.nn.State,
+        *,
+        n_states: int = 2,
+        indexing: Sequence[int] | None = None,
+        correction_adjoint: optx.AbstractAdjoint = ...,
+        key: PRNGKeyArray | None = None,
+        z0: PyTree[Array] | None = None,
+        inference: bool | None = None,
+    ) -> tuple[tuple[PyTree[Array], ...], DEQStats, eqx.nn.State]: ...
+
     def trajectory(
         self,
         x: PyTree[Array],
