@@ -46,8 +46,8 @@ def main():
     solvers = {
         "Picard": eqxdeq.Picard(tol, tol),
         "Picard(relaxation=0.8)": eqxdeq.Picard(tol, tol, relaxation=0.8),
-        "Anderson(memory=5)": eqxdeq.Anderson(tol, tol),
-        "Broyden(memory=16)": eqxdeq.Broyden(tol, tol),
+        "Anderson (memory=8)": eqxdeq.Anderson(tol, tol),
+        "Broyden (memory=8)": eqxdeq.Broyden(tol, tol),
         "Broyden(line_search=True)": eqxdeq.Broyden(tol, tol, line_search=True),
         "NewtonKrylov": eqxdeq.NewtonKrylov(tol, tol),
         "optx.FixedPointIteration": optx.FixedPointIteration(tol, tol),
