@@ -186,8 +186,8 @@ def run_solvers(
     With `history=True`, eqxdeq's solvers also record `‖f(z) − z‖₂` at each
     evaluation (a small per-step cost): the row's `history` is then a
     `(batch, evaluations)` array, NaN after a sample stopped (`None` for optimistix's
-    Newton, which records none, and for Fallback, which keeps only its first stage's
-    history). `f_norm` is `‖f(z)‖₂` per sample at the returned points."""
+    Newton, which records none; Fallback's is its stages' histories one after the
+    other). `f_norm` is `‖f(z)‖₂` per sample at the returned points."""
     spec = ProblemSpec(opts.n, opts.batch, opts.norm)
     problem = make_tanh_problem(spec, input_scale=opts.input_scale)
     weight, injection = problem.args
@@ -216,7 +216,7 @@ def run_solvers(
             # One evaluation and a full Jacobian (n jvps, batched) per step.
             jvps = evals * opts.n
         trace = None
-        if history and name != NEWTON and not name.startswith("Fallback"):
+        if history and name != NEWTON:
             trace = np.asarray(stats["residual_history"], np.float64)
             trace = trace[:, : np.max(np.sum(np.isfinite(trace), axis=1))]
         fz = np.asarray(problem.fn(sol.value, problem.args), np.float64)

@@ -329,8 +329,8 @@ def nonconvex_section(ctx: Context) -> Section:
     drawn = _plots.nonconvex_plot(rows, ctx.out / "nonconvex.png", opts.rtol)
     plot_note = (
         "_The plot (`nonconvex.png`) shows `‖f(z) − z‖₂` against evaluations of f "
-        "for the solvers that record a residual history (not `optx.Newton`, and not "
-        "Fallback, which keeps only its first stage's)._"
+        "for the solvers that record a residual history (all but `optx.Newton`; "
+        "Fallback's is its stages' one after the other)._"
     )
     ctx.write(
         "nonconvex.md", intro, bench_nonconvex.table(rows, "key", "time_min"), plot_note
