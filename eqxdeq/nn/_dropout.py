@@ -9,6 +9,7 @@ the fixed point of one (masked) function.
 """
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax.lax as lax
@@ -181,41 +182,44 @@ VariationalDropout.__init__.__doc__ = """**Arguments:**
 """
 
 
-def _channel_mask_shape(
-    name: str,
-    shape: tuple[int, ...],
-    spatial_dims: int,
-    channel_axis: int,
-    drop_tokens: bool,
-) -> tuple[int, ...]:
-    ndim = spatial_dims + 1
-    if len(shape) != ndim:
-        layout = {
-            1: "(channels, length)",
-            2: "(channels, height, width)",
-            3: "(channels, depth, height, width)",
-        }[spatial_dims]
-        raise ValueError(
-            f"`{name}` expects an input with {ndim} axes, {layout} for "
-            f"`channel_axis=0` (no batch axis: use `jax.vmap`); got shape {shape}."
-        )
-    channel_axis = channel_axis % ndim
-    if drop_tokens:
-        # One value per position, shared over channels.
-        return tuple(1 if i == channel_axis else n for i, n in enumerate(shape))
-    # One value per channel, shared over positions.
-    return tuple(n if i == channel_axis else 1 for i, n in enumerate(shape))
+class _AbstractChannelDropout(AbstractVariationalDropout):
+    """Variational dropout of whole channels (`drop_tokens = False`) or whole
+    positions (`drop_tokens = True`) of a `(channels, *spatial)` input with
+    `spatial_dims` spatial axes, whatever the position of its channel axis."""
 
+    channel_axis: AbstractVar[int]
+    spatial_dims: ClassVar[int]
+    drop_tokens: ClassVar[bool]
 
-def _check_channel_axis(self, spatial_dims: int):
-    ndim = spatial_dims + 1
-    if not isinstance(self.channel_axis, int) or not (
-        -ndim <= self.channel_axis < ndim
-    ):
-        raise ValueError(
-            f"`{type(self).__name__}(channel_axis=...)` must be an integer in "
-            f"[{-ndim}, {ndim}); got {self.channel_axis!r}."
-        )
+    def __check_init__(self):
+        ndim = self.spatial_dims + 1
+        if not isinstance(self.channel_axis, int) or not (
+            -ndim <= self.channel_axis < ndim
+        ):
+            raise ValueError(
+                f"`{type(self).__name__}(channel_axis=...)` must be an integer in "
+                f"[{-ndim}, {ndim}); got {self.channel_axis!r}."
+            )
+
+    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        ndim = self.spatial_dims + 1
+        if len(shape) != ndim:
+            layout = {
+                1: "(channels, length)",
+                2: "(channels, height, width)",
+                3: "(channels, depth, height, width)",
+            }[self.spatial_dims]
+            raise ValueError(
+                f"`{type(self).__name__}` expects an input with {ndim} axes, {layout} "
+                f"for `channel_axis=0` (no batch axis: use `jax.vmap`); got shape "
+                f"{shape}."
+            )
+        channel_axis = self.channel_axis % ndim
+        if self.drop_tokens:
+            # One value per position, shared over channels.
+            return tuple(1 if i == channel_axis else n for i, n in enumerate(shape))
+        # One value per channel, shared over positions.
+        return tuple(n if i == channel_axis else 1 for i, n in enumerate(shape))
 
 
 _channel_doc = """**Arguments:**
@@ -229,7 +233,7 @@ _channel_doc = """**Arguments:**
 """
 
 
-class VariationalDropout1d(AbstractVariationalDropout):
+class VariationalDropout1d(_AbstractChannelDropout):
     """Variational dropout of whole channels of a 1d input `(channels, length)`: one
     mask value per channel, shared over the length axis (mask shape `(channels, 1)`).
     """
@@ -237,17 +241,11 @@ class VariationalDropout1d(AbstractVariationalDropout):
     p: float = 0.5
     inference: bool = False
     channel_axis: int = eqx.field(default=0, static=True, kw_only=True)
-
-    def __check_init__(self):
-        _check_channel_axis(self, 1)
-
-    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return _channel_mask_shape(
-            "VariationalDropout1d", shape, 1, self.channel_axis, drop_tokens=False
-        )
+    spatial_dims: ClassVar[int] = 1
+    drop_tokens: ClassVar[bool] = False
 
 
-class VariationalDropout2d(AbstractVariationalDropout):
+class VariationalDropout2d(_AbstractChannelDropout):
     """Variational dropout of whole channels of a 2d input `(channels, height,
     width)`: one mask value per channel, shared over both spatial axes (mask shape
     `(channels, 1, 1)`).
@@ -256,17 +254,11 @@ class VariationalDropout2d(AbstractVariationalDropout):
     p: float = 0.5
     inference: bool = False
     channel_axis: int = eqx.field(default=0, static=True, kw_only=True)
-
-    def __check_init__(self):
-        _check_channel_axis(self, 2)
-
-    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return _channel_mask_shape(
-            "VariationalDropout2d", shape, 2, self.channel_axis, drop_tokens=False
-        )
+    spatial_dims: ClassVar[int] = 2
+    drop_tokens: ClassVar[bool] = False
 
 
-class VariationalDropout3d(AbstractVariationalDropout):
+class VariationalDropout3d(_AbstractChannelDropout):
     """Variational dropout of whole channels of a 3d input `(channels, depth, height,
     width)`: one mask value per channel, shared over the three spatial axes (mask
     shape `(channels, 1, 1, 1)`).
@@ -275,17 +267,11 @@ class VariationalDropout3d(AbstractVariationalDropout):
     p: float = 0.5
     inference: bool = False
     channel_axis: int = eqx.field(default=0, static=True, kw_only=True)
-
-    def __check_init__(self):
-        _check_channel_axis(self, 3)
-
-    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return _channel_mask_shape(
-            "VariationalDropout3d", shape, 3, self.channel_axis, drop_tokens=False
-        )
+    spatial_dims: ClassVar[int] = 3
+    drop_tokens: ClassVar[bool] = False
 
 
-class VariationalDropToken1d(AbstractVariationalDropout):
+class VariationalDropToken1d(_AbstractChannelDropout):
     """Variational dropout of whole tokens (positions) of a 1d input `(channels,
     length)`: one mask value per position, shared over the channels (mask shape
     `(1, length)`). For a `(length, channels)` token sequence pass `channel_axis=-1`.
@@ -294,17 +280,11 @@ class VariationalDropToken1d(AbstractVariationalDropout):
     p: float = 0.5
     inference: bool = False
     channel_axis: int = eqx.field(default=0, static=True, kw_only=True)
-
-    def __check_init__(self):
-        _check_channel_axis(self, 1)
-
-    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return _channel_mask_shape(
-            "VariationalDropToken1d", shape, 1, self.channel_axis, drop_tokens=True
-        )
+    spatial_dims: ClassVar[int] = 1
+    drop_tokens: ClassVar[bool] = True
 
 
-class VariationalDropToken2d(AbstractVariationalDropout):
+class VariationalDropToken2d(_AbstractChannelDropout):
     """Variational dropout of whole spatial positions of a 2d input `(channels,
     height, width)`: one mask value per pixel, shared over the channels (mask shape
     `(1, height, width)`).
@@ -313,17 +293,11 @@ class VariationalDropToken2d(AbstractVariationalDropout):
     p: float = 0.5
     inference: bool = False
     channel_axis: int = eqx.field(default=0, static=True, kw_only=True)
-
-    def __check_init__(self):
-        _check_channel_axis(self, 2)
-
-    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return _channel_mask_shape(
-            "VariationalDropToken2d", shape, 2, self.channel_axis, drop_tokens=True
-        )
+    spatial_dims: ClassVar[int] = 2
+    drop_tokens: ClassVar[bool] = True
 
 
-class VariationalDropToken3d(AbstractVariationalDropout):
+class VariationalDropToken3d(_AbstractChannelDropout):
     """Variational dropout of whole spatial positions of a 3d input `(channels,
     depth, height, width)`: one mask value per voxel, shared over the channels (mask
     shape `(1, depth, height, width)`).
@@ -332,14 +306,8 @@ class VariationalDropToken3d(AbstractVariationalDropout):
     p: float = 0.5
     inference: bool = False
     channel_axis: int = eqx.field(default=0, static=True, kw_only=True)
-
-    def __check_init__(self):
-        _check_channel_axis(self, 3)
-
-    def mask_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return _channel_mask_shape(
-            "VariationalDropToken3d", shape, 3, self.channel_axis, drop_tokens=True
-        )
+    spatial_dims: ClassVar[int] = 3
+    drop_tokens: ClassVar[bool] = True
 
 
 VariationalDropout1d.__init__.__doc__ = _channel_doc.format(what="channel")
