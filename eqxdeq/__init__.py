@@ -15,7 +15,11 @@ from ._descent import (
     PicardDescent as PicardDescent,
 )
 from ._fixed_point import fixed_point as fixed_point
-from ._linear_solver import Neumann as Neumann, Richardson as Richardson
+from ._linear_solver import (
+    GMRES as GMRES,
+    Neumann as Neumann,
+    Richardson as Richardson,
+)
 from ._results import RESULTS as RESULTS
 from ._search import DerivativeFreeBacktracking as DerivativeFreeBacktracking
 from ._solver import (

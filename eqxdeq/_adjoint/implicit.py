@@ -8,6 +8,7 @@ import lineax as lx
 import numpy as np
 import optimistix as optx
 
+from .._linear_solver import GMRES
 from .._validation import check_linear_solver
 from ._backward import (
     BackwardStats,
@@ -21,16 +22,16 @@ from ._core import implicit_apply, INPUT_Y0, is_fixed_point_rewrite
 
 
 def default_linear_solver(dtype) -> lx.AbstractLinearSolver:
-    """The backward solver used when none is given: matrix-free restarted GMRES with
-    tolerances set from the dtype of the fixed point."""
+    """The backward solver used when none is given: [`eqxdeq.GMRES`][] with a
+    relative tolerance set from the dtype of the fixed point."""
     eps = float(jnp.finfo(dtype).eps)
     if eps < 1e-10:  # float64
         tol = 1e-12
     elif eps < 1e-5:  # float32
-        tol = 50 * eps
+        tol = 1e-5
     else:  # 16-bit
         tol = 4 * eps
-    return lx.GMRES(rtol=tol, atol=tol, restart=20, stagnation_iters=20)
+    return GMRES(rtol=tol, atol=0.0)
 
 
 def default_stagnation_tol(dtype) -> float:

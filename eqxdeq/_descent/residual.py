@@ -13,22 +13,30 @@ dense algebra is a handful of matrix-vector products and the history is updated
 one row at a time, in place.
 """
 
-import math
 from typing import Generic
 
 import equinox as eqx
-import jax
-import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy as jsp
 import jax.tree_util as jtu
 import optimistix as optx
-from jaxtyping import Array, Bool, Inexact, Int, PyTree, Scalar
+from jaxtyping import Array, Bool, Inexact, Int, Scalar
 
 from .._custom_types import Y
+from .._flat import (
+    all_finite,
+    combine_rows,
+    inner,
+    inner_rows,
+    ravel,
+    set_row,
+    small_dtype,
+    sq_norm,
+    unravel,
+    vector_dtype,
+    vector_size,
+)
 from .._misc import (
-    complex_dtype,
-    is_complex,
     real_dtype,
     stats_dtype,
     tree_scale,
@@ -42,110 +50,6 @@ _Residual = optx.FunctionInfo.Residual
 
 def _zeros_like(struct):
     return jnp.zeros(struct.shape, struct.dtype)
-
-
-# Flat vectors. A pytree state is one vector of a single dtype: complex if every
-# floating leaf is complex (the space is ℂⁿ, inner products conjugate their first
-# argument), else real, with each complex leaf stored as its real and imaginary
-# parts (a pytree mixing real and complex leaves is the real vector space ℝ²ⁿ ⊕ …).
-# The small algebra (Gram matrices, mixing coefficients, inner products) runs in
-# `_small_dtype`: the vector's field at the precision of `stats_dtype` (at least
-# float32, also for bfloat16 states).
-
-
-def _vector_dtype(tree: PyTree) -> jnp.dtype:
-    dtypes = [jnp.result_type(x) for x in jtu.tree_leaves(tree)]
-    with jax.numpy_dtype_promotion("standard"):
-        dtype = jnp.result_type(*dtypes)
-    inexact = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
-    if is_complex(dtype) and not all(is_complex(d) for d in inexact):
-        dtype = real_dtype(dtype)
-    return dtype
-
-
-def _small_dtype(tree: PyTree) -> jnp.dtype:
-    dtype = stats_dtype(tree)
-    return complex_dtype(dtype) if is_complex(_vector_dtype(tree)) else dtype
-
-
-def _vector_size(tree: PyTree) -> int:
-    complex_as_pairs = not is_complex(_vector_dtype(tree))
-    size = 0
-    for leaf in jtu.tree_leaves(tree):
-        pairs = complex_as_pairs and is_complex(jnp.result_type(leaf))
-        size += math.prod(jnp.shape(leaf)) * (2 if pairs else 1)
-    return size
-
-
-def _ravel(tree: PyTree, dtype) -> Array:
-    """The leaves of `tree` as one vector of `dtype` (a reshape for one leaf)."""
-    parts = []
-    for leaf in jtu.tree_leaves(tree):
-        if is_complex(leaf.dtype) and not is_complex(dtype):
-            parts += [jnp.real(leaf).reshape(-1), jnp.imag(leaf).reshape(-1)]
-        else:
-            parts.append(leaf.reshape(-1))
-    parts = [part.astype(dtype) for part in parts]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-
-
-def _unravel(vector: Array, like: PyTree) -> PyTree:
-    """The inverse of `_ravel`: `vector` as a pytree shaped like `like` (arrays or
-    `jax.ShapeDtypeStruct`s), in its dtypes."""
-    leaves, treedef = jtu.tree_flatten(like)
-    out, offset = [], 0
-    for leaf in leaves:
-        size = math.prod(leaf.shape)
-        if is_complex(leaf.dtype) and not is_complex(vector.dtype):
-            re = lax.slice(vector, (offset,), (offset + size,))
-            im = lax.slice(vector, (offset + size,), (offset + 2 * size,))
-            value = lax.complex(re, im)
-            offset += 2 * size
-        else:
-            value = lax.slice(vector, (offset,), (offset + size,))
-            offset += size
-        out.append(value.reshape(leaf.shape).astype(leaf.dtype))
-    return jtu.tree_unflatten(treedef, out)
-
-
-def _sq_norm(x: Array, dtype) -> Scalar:
-    """`‖x‖₂²`, accumulated in the real `dtype`. (A dot product: XLA's CPU reductions
-    are several times slower.)"""
-    if is_complex(x.dtype):
-        x = x.astype(complex_dtype(dtype))
-        return jnp.real(jnp.vdot(x, x))
-    x = x.astype(dtype)
-    return jnp.vdot(x, x)
-
-
-def _all_finite(x: Array, dtype) -> Bool[Array, ""]:
-    """Whether every element of `x` is finite (or, conservatively, False if `‖x‖₂²`
-    overflows)."""
-    return jnp.isfinite(_sq_norm(x, dtype))
-
-
-def _inner(x: Array, y: Array, dtype) -> Scalar:
-    """`⟨x, y⟩ = Σ conj(x_i) y_i`, accumulated in `dtype`."""
-    return jnp.vdot(x.astype(dtype), y.astype(dtype))
-
-
-def _inner_rows(buffer: Array, x: Array, dtype) -> Array:
-    """`[⟨buffer[i], x⟩ for i in range(m)]`, one matrix-vector product accumulated in
-    `dtype` (the conjugation is moved onto the vectors, not the buffer)."""
-    buffer, x = buffer.astype(dtype), x.astype(dtype)
-    if is_complex(dtype):
-        return jnp.conj(jnp.matmul(buffer, jnp.conj(x)))
-    return jnp.matmul(buffer, x)
-
-
-def _combine_rows(coeffs: Array, buffer: Array) -> Array:
-    """`Σ_i coeffs[i] buffer[i]`, in the dtype of `coeffs` (at least float32)."""
-    return jnp.matmul(coeffs, buffer.astype(coeffs.dtype))
-
-
-def _set_row(buffer: Array, index, row: Array) -> Array:
-    """Row `index` of `buffer` set to `row`: an in-place update inside a loop."""
-    return lax.dynamic_update_index_in_dim(buffer, row.astype(buffer.dtype), index, 0)
 
 
 class _PicardDescentState(eqx.Module, Generic[Y]):
@@ -294,8 +198,8 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         )
 
     def init(self, y: Y, f_info_struct: _Residual) -> _AndersonDescentState:
-        vector, small = _vector_dtype(y), _small_dtype(y)
-        size, m = _vector_size(y), self.memory
+        vector, small = vector_dtype(y), small_dtype(y)
+        size, m = vector_size(y), self.memory
         zeros = jnp.zeros(size, vector)
         return _AndersonDescentState(
             first=jnp.array(True),
@@ -316,10 +220,10 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         self, y: Y, f_info: _Residual, state: _AndersonDescentState
     ) -> _AndersonDescentState:
         m = self.memory
-        vector, small = _vector_dtype(y), _small_dtype(y)
+        vector, small = vector_dtype(y), small_dtype(y)
         real = real_dtype(small)
-        y_flat = _ravel(y, vector)
-        g = _ravel(f_info.residual, vector)
+        y_flat = ravel(y, vector)
+        g = ravel(f_info.residual, vector)
         has_prev = jnp.invert(state.first)
         beta = jnp.asarray(self.relaxation, real)
 
@@ -328,14 +232,14 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         slot = state.index
         dg_new = g - state.g_prev
         mixed_new = (y_flat - state.y_prev) + beta.astype(vector) * dg_new
-        dg = _set_row(state.dg, slot, dg_new)
-        mixed = _set_row(state.mixed, slot, mixed_new)
+        dg = set_row(state.dg, slot, dg_new)
+        mixed = set_row(state.mixed, slot, mixed_new)
         # One product with the history: ⟨Δg_i, g⟩. The Gram matrix's new column
         # ⟨Δg_i, Δg_new⟩ = ⟨Δg_i, g⟩ - ⟨Δg_i, g_prev⟩ reuses the last query's
         # right-hand side for the rows that did not change; the new diagonal entry
         # is computed directly (it stays exact and positive).
-        rhs = _inner_rows(dg, g, small)
-        diagonal = _sq_norm(dg_new, real)
+        rhs = inner_rows(dg, g, small)
+        diagonal = sq_norm(dg_new, real)
         slots = jnp.arange(m)
         column = jnp.where(slots == slot, diagonal.astype(small), rhs - state.rhs)
         gram = jnp.where(slots[:, None] == slot, jnp.conj(column)[None, :], state.gram)
@@ -354,7 +258,7 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
             restart = restart | (has_prev & (g_norm > growth))
         gamma = jnp.where(restart, 0, gamma)
         # d = β g - (ΔY + βΔG) γ
-        direction = beta.astype(small) * g.astype(small) - _combine_rows(gamma, mixed)
+        direction = beta.astype(small) * g.astype(small) - combine_rows(gamma, mixed)
         return _AndersonDescentState(
             first=jnp.array(False),
             y_prev=y_flat,
@@ -366,7 +270,7 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
             rhs=rhs,
             count=jnp.where(restart, 0, count),
             index=jnp.where(restart, 0, index),
-            direction=_unravel(direction, f_info.residual),
+            direction=unravel(direction, f_info.residual),
             num_restarts=state.num_restarts + restart.astype(int),
         )
 
@@ -377,12 +281,12 @@ class AndersonDescent(optx.AbstractDescent[Y, _Residual, _AndersonDescentState])
         (\Delta G^\top \Delta G + \lambda I)^{-1} \Delta G^\top$.
         """
         vector, small = state.dg.dtype, state.gram.dtype
-        x_flat = _ravel(x, vector)
-        rhs = _inner_rows(state.dg, x_flat, small)
+        x_flat = ravel(x, vector)
+        rhs = inner_rows(state.dg, x_flat, small)
         gamma = _solve_gram(state.gram, rhs, state.count, self.regularisation)
         beta = jnp.asarray(self.relaxation, real_dtype(small)).astype(small)
-        out = _combine_rows(gamma, state.mixed) - beta * x_flat.astype(small)
-        return _unravel(out, x)
+        out = combine_rows(gamma, state.mixed) - beta * x_flat.astype(small)
+        return unravel(out, x)
 
     def step(
         self, step_size: Scalar, state: _AndersonDescentState
@@ -417,8 +321,8 @@ class _BroydenDescentState(eqx.Module, Generic[Y]):
 def _broyden_mv(u, v, count, x, dtype):
     """`H x` for `H = -I + Σ_{i < count} u_i v_iᴴ`, in `dtype` (at least float32)."""
     mask = jnp.arange(u.shape[0]) < count
-    coeffs = jnp.where(mask, _inner_rows(v, x, dtype), 0)
-    return _combine_rows(coeffs, u) - x.astype(dtype)
+    coeffs = jnp.where(mask, inner_rows(v, x, dtype), 0)
+    return combine_rows(coeffs, u) - x.astype(dtype)
 
 
 class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
@@ -492,8 +396,8 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
         )
 
     def init(self, y: Y, f_info_struct: _Residual) -> _BroydenDescentState:
-        vector, small = _vector_dtype(y), _small_dtype(y)
-        size, m = _vector_size(y), self.memory
+        vector, small = vector_dtype(y), small_dtype(y)
+        size, m = vector_size(y), self.memory
         zeros = jnp.zeros(size, vector)
         return _BroydenDescentState(
             first=jnp.array(True),
@@ -509,26 +413,26 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
 
     def inverse_jacobian_mv(self, state: _BroydenDescentState, x: Y) -> Y:
         """`H x`, for the current estimate `H` of the inverse Jacobian of `f(y) - y`."""
-        x_flat = _ravel(x, state.u.dtype)
+        x_flat = ravel(x, state.u.dtype)
         out = _broyden_mv(state.u, state.v, state.count, x_flat, state.h_g.dtype)
-        return _unravel(out, x)
+        return unravel(out, x)
 
     def inverse_jacobian_rmv(self, state: _BroydenDescentState, x: Y) -> Y:
         """`Hᴴ x` (`Hᵀ x` for a real state), for the current estimate `H` of the
         inverse Jacobian."""
-        x_flat = _ravel(x, state.u.dtype)
+        x_flat = ravel(x, state.u.dtype)
         out = _broyden_mv(state.v, state.u, state.count, x_flat, state.h_g.dtype)
-        return _unravel(out, x)
+        return unravel(out, x)
 
     def query(
         self, y: Y, f_info: _Residual, state: _BroydenDescentState
     ) -> _BroydenDescentState:
         # For a complex state the inner products conjugate their first argument:
         # `denom = Δyᴴ H Δg`, `v = Hᴴ Δy` and the update adds `u vᴴ` to H.
-        vector, small = _vector_dtype(y), _small_dtype(y)
+        vector, small = vector_dtype(y), small_dtype(y)
         real = real_dtype(small)
-        y_flat = _ravel(y, vector)
-        g = _ravel(f_info.residual, vector)
+        y_flat = ravel(y, vector)
+        g = ravel(f_info.residual, vector)
         has_prev = jnp.invert(state.first)
         s = (y_flat - state.y_prev).astype(small)
 
@@ -538,8 +442,8 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
         h_g_prev = jnp.where(full, -state.g_prev.astype(small), state.h_g)
         h_dg = h_g - h_g_prev
         v_new = _broyden_mv(state.v, state.u, count, s, small)  # Hᴴ Δy
-        denom = _inner(s, h_dg, small)
-        size_sq = _sq_norm(s, real) * _sq_norm(h_dg, real)
+        denom = inner(s, h_dg, small)
+        size_sq = sq_norm(s, real) * sq_norm(h_dg, real)
         ok = (
             has_prev
             & (jnp.abs(denom) ** 2 > self.conditioning**2 * size_sq)
@@ -547,18 +451,18 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
             & (size_sq > 0)
         )
         u_new = (s - h_dg) / jnp.where(ok, denom, 1)
-        v_g = _inner(v_new, g, small)  # (also non-finite if v_new is)
-        ok = ok & _all_finite(u_new, real) & jnp.isfinite(v_g)
+        v_g = inner(v_new, g, small)  # (also non-finite if v_new is)
+        ok = ok & all_finite(u_new, real) & jnp.isfinite(v_g)
         # Rows past `count` are never read, but are kept finite (they are
         # multiplied by zero coefficients).
         u_new = jnp.where(ok, u_new, 0)
-        u = _set_row(state.u, count, u_new)
-        v = _set_row(state.v, count, jnp.where(ok, v_new, 0))
+        u = set_row(state.u, count, u_new)
+        v = set_row(state.v, count, jnp.where(ok, v_new, 0))
         count = jnp.where(has_prev, count + ok.astype(int), state.count)
         # H_new g = H g + u_new (v_newᴴ g)
         h_g = h_g + jnp.where(ok, v_g, 0) * u_new
 
-        bad = jnp.invert(_all_finite(h_g, real))  # reset, and take a Picard step
+        bad = jnp.invert(all_finite(h_g, real))  # reset, and take a Picard step
         h_g = jnp.where(bad, -g.astype(small), h_g)
         restarts = (has_prev & full) | bad
         return _BroydenDescentState(
@@ -569,7 +473,7 @@ class BroydenDescent(optx.AbstractDescent[Y, _Residual, _BroydenDescentState]):
             v=v,
             count=jnp.where(bad, 0, count),
             h_g=h_g,
-            direction=_unravel(-h_g, f_info.residual),
+            direction=unravel(-h_g, f_info.residual),
             num_restarts=state.num_restarts + restarts.astype(int),
         )
 
