@@ -55,7 +55,7 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "or the residuals of the Richardson iteration (`eqxdeq.Richardson`) grew "
         "instead of shrinking, or became non-finite. Both converge only if the "
         "spectral radius of `I - damping * A` is below 1. Use a smaller `damping`, or "
-        "a Krylov solver such as `lineax.GMRES`, which does not need that."
+        "a Krylov solver such as `eqxdeq.GMRES`, which does not need that."
     )
 
     # The backward (adjoint) linear solve of an eqxdeq adjoint. When raised, each
@@ -65,7 +65,7 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "residuals of its iteration grew instead of shrinking, or became non-finite. "
         "The spectral radius of ∂f/∂y at the fixed point is probably ≥ 1 (for a "
         "damping τ: of I - τ (I - ∂f/∂y)), so Neumann series, Richardson iteration "
-        "and phantom gradients cannot converge. Use `lineax.GMRES` (the default of "
+        "and phantom gradients cannot converge. Use `eqxdeq.GMRES` (the default of "
         "`eqxdeq.ImplicitAdjoint()`), a smaller `damping`, or keep the layer "
         "contractive during training (a Jacobian penalty, "
         "`eqxdeq.regularization.jacobian_frobenius`, or spectral normalisation); "
@@ -77,7 +77,7 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "`atol` (the gradient is no more accurate than the forward fixed point: about "
         "the forward tolerance is enough). Richardson and Neumann converge only if "
         "the spectral radius of ∂f/∂y at the fixed point is below 1, and slowly near "
-        "1: use `lineax.GMRES` there. `on_failure='jfb'` falls back to the JFB "
+        "1: use `eqxdeq.GMRES` there. `on_failure='jfb'` falls back to the JFB "
         "gradient instead of raising."
     )
     backward_stagnation = (
@@ -92,7 +92,7 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
     )
     backward_breakdown = (
         "The backward (adjoint) linear solve broke down (an iterative breakdown of a "
-        "Krylov solver). Use another linear solver (e.g. `lineax.GMRES` with a larger "
+        "Krylov solver). Use another linear solver (e.g. `eqxdeq.GMRES` with a larger "
         "`restart`), or `on_failure='jfb'` to fall back to the JFB gradient."
     )
     backward_singular = (
@@ -112,7 +112,7 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
     backward_failed = (
         "The backward (adjoint) linear solve failed (see the linear solver's own "
         "message in `lineax.RESULTS`). Use another linear solver (e.g. "
-        "`lineax.GMRES`), or `on_failure='jfb'` to fall back to the JFB gradient."
+        "`eqxdeq.GMRES`), or `on_failure='jfb'` to fall back to the JFB gradient."
     )
     backward_reconstruction_overflow = (
         "The backward reconstruction overflowed: running the iterates of "

@@ -1,4 +1,4 @@
-"""eqxdeq's lineax solvers `Neumann` and `Richardson`, mostly on `A = I - J`.
+"""eqxdeq's lineax solvers `Neumann`, `Richardson` and `GMRES`, mostly on `A = I - J`.
 
 References are computed densely in NumPy float64. The solvers are shared between
 tests, so that `lx.linear_solve` (which is `filter_jit`ted) compiles once per solver
@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
+import scipy.sparse.linalg
 
 import eqxdeq
 
@@ -18,7 +19,8 @@ import eqxdeq
 N = 6
 NEUMANN = eqxdeq.Neumann(steps=80)  # 0.5^81 ≈ 1e-24: exact in float64 for ‖J‖ = 0.5.
 RICHARDSON = eqxdeq.Richardson(rtol=1e-13, atol=1e-13, max_steps=2000)
-EXACT_SOLVERS = [NEUMANN, RICHARDSON]
+GMRES = eqxdeq.GMRES(rtol=1e-13, atol=0.0)
+EXACT_SOLVERS = [NEUMANN, RICHARDSON, GMRES]
 
 
 def _neumann(steps, damping=1.0):
@@ -426,3 +428,136 @@ def test_vmap(solver):
     if isinstance(solver, eqxdeq.Richardson):
         # Each batch element stops when it has converged.
         assert num_steps[0] < num_steps[1] < num_steps[2]
+
+
+#
+# GMRES
+#
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("restart", [4, 20])
+def test_gmres_dense_non_contractive(dtype, restart):
+    # ‖J‖ = 1.5: Neumann and Richardson diverge, GMRES does not need a contraction;
+    # restart=4 < N restarts the Krylov subspace.
+    _, a, b = _system(20, 1.5)
+    tol = 1e-12 if dtype == jnp.float64 else 1e-5
+    sol = lx.linear_solve(
+        _op(a, dtype), jnp.asarray(b, dtype), eqxdeq.GMRES(tol, 0.0, restart=restart)
+    )
+    assert sol.value.dtype == dtype
+    assert _relerr(sol.value, np.linalg.solve(a, b)) < 100 * tol
+    residual = np.linalg.norm(a @ np.asarray(sol.value, np.float64) - b)
+    assert residual <= 2 * tol * np.linalg.norm(b)
+    if dtype == jnp.float64:
+        # The same iterates as SciPy's restarted GMRES: the same number of steps.
+        count = [0]
+
+        def callback(_):
+            count[0] += 1
+
+        scipy.sparse.linalg.gmres(
+            a,
+            b,
+            rtol=tol,
+            atol=0.0,
+            restart=restart,
+            maxiter=100,
+            callback=callback,
+            callback_type="pr_norm",
+        )
+        assert int(sol.stats["num_steps"]) == count[0]
+
+
+def test_gmres_stops_at_the_first_step_within_tolerance():
+    # A with 3 distinct eigenvalues: GMRES is exact after 3 steps (the minimal
+    # polynomial has degree 3), and stops there rather than at the end of a cycle.
+    a = _symmetric(21, [2.0, 2.0, 0.5, 0.5, 1.3, 1.3])
+    sol = lx.linear_solve(_op(a), jnp.asarray(_vector(21)), GMRES)
+    assert int(sol.stats["num_steps"]) == 3
+    assert _relerr(sol.value, np.linalg.solve(a, _vector(21))) < 1e-12
+    # With a loose tolerance it stops earlier still, at the first step within it.
+    loose = eqxdeq.GMRES(rtol=0.3, atol=0.0)
+    out = lx.linear_solve(_op(a), jnp.asarray(_vector(21)), loose)
+    steps = int(out.stats["num_steps"])
+    assert 1 <= steps < 3
+    residual = np.linalg.norm(a @ np.asarray(out.value) - _vector(21))
+    assert residual <= 0.3 * np.linalg.norm(_vector(21))
+
+
+def test_gmres_complex():
+    _, a, b = _system(22, 1.2)
+    a = a + 0.5j * _contraction(23, 1.0)
+    b = b + 1j * _vector(23)
+    sol = lx.linear_solve(
+        _op(a, jnp.complex128), jnp.asarray(b), eqxdeq.GMRES(1e-12, 0.0, restart=4)
+    )
+    assert sol.value.dtype == jnp.complex128
+    assert _relerr(sol.value, np.linalg.solve(a, b)) < 1e-10
+
+
+def test_gmres_bfloat16_is_solved_in_float32():
+    _, a, b = _system(24, 0.5)
+    op = lx.FunctionLinearOperator(
+        lambda x: (jnp.asarray(a, jnp.float32) @ x.astype(jnp.float32)).astype(
+            jnp.bfloat16
+        ),
+        jax.ShapeDtypeStruct((N,), jnp.bfloat16),
+    )
+    sol = lx.linear_solve(op, jnp.asarray(b, jnp.bfloat16), eqxdeq.GMRES(0.02, 0.0))
+    assert sol.value.dtype == jnp.bfloat16
+    assert _relerr(sol.value.astype(jnp.float32), np.linalg.solve(a, b)) < 0.05
+
+
+def test_gmres_y0():
+    _, a, b = _system(25, 0.9)
+    exact = np.linalg.solve(a, b)
+    solver = eqxdeq.GMRES(rtol=1e-10, atol=0.0)
+    cold = lx.linear_solve(_op(a), jnp.asarray(b), solver)
+    warm = lx.linear_solve(
+        _op(a), jnp.asarray(b), solver, options={"y0": jnp.asarray(exact)}
+    )
+    assert int(warm.stats["num_steps"]) == 0 < int(cold.stats["num_steps"])
+    assert _relerr(warm.value, exact) < 1e-10
+    with pytest.raises(ValueError, match="y0"):
+        lx.linear_solve(
+            _op(a), jnp.asarray(b), solver, options={"y0": jnp.zeros(N + 1)}
+        )
+
+
+def test_gmres_failures():
+    # Singular, with b outside the range: the residual cannot decrease below the
+    # component of b in the null space, so the solve stagnates.
+    a = np.diag([1.0, 0.0, 2.0, 1.0, 3.0, 0.5])
+    b = np.ones(N)
+    sol = lx.linear_solve(_op(a), jnp.asarray(b), GMRES, throw=False)
+    assert sol.result == lx.RESULTS.stagnation
+    assert sol.stats["result"] == eqxdeq.RESULTS.stagnation
+    # Too few steps.
+    _, a, b = _system(26, 0.9)
+    few = eqxdeq.GMRES(rtol=1e-13, atol=0.0, max_steps=2)
+    sol = lx.linear_solve(_op(a), jnp.asarray(b), few, throw=False)
+    assert sol.result == lx.RESULTS.max_steps_reached
+    assert int(sol.stats["num_steps"]) == 2
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        lx.linear_solve(_op(a), jnp.asarray(b), few)
+    # A non-finite right-hand side.
+    sol = lx.linear_solve(_op(a), jnp.full(N, jnp.nan), GMRES, throw=False)
+    assert sol.result == lx.RESULTS.nonfinite_input
+    # A zero right-hand side is solved by zero, in no steps.
+    sol = lx.linear_solve(_op(a), jnp.zeros(N), GMRES)
+    assert int(sol.stats["num_steps"]) == 0
+    assert np.all(np.asarray(sol.value) == 0)
+
+
+def test_gmres_validation():
+    for name, kwargs in (
+        ("rtol", dict(rtol=-1.0, atol=0.0)),
+        ("atol", dict(rtol=1e-3, atol=float("nan"))),
+        ("restart", dict(rtol=1e-3, atol=0.0, restart=0)),
+        ("stagnation_iters", dict(rtol=1e-3, atol=0.0, stagnation_iters=0)),
+        ("max_steps", dict(rtol=1e-3, atol=0.0, max_steps=0)),
+        ("max_steps", dict(rtol=1e-3, atol=0.0, max_steps=2.5)),
+    ):
+        with pytest.raises((ValueError, TypeError), match=name):
+            eqxdeq.GMRES(**kwargs)

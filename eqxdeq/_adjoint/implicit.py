@@ -35,9 +35,10 @@ def default_linear_solver(dtype) -> lx.AbstractLinearSolver:
 
 
 def default_stagnation_tol(dtype) -> float:
-    """The default solver's tolerance is close to what the dtype resolves, so GMRES
-    may stagnate just above it: a stagnated solve with a relative residual below
-    $\\sqrt{\\varepsilon}$ (3e-4 in float32, 1.5e-8 in float64) is accepted."""
+    """In float64 and 16-bit dtypes the default tolerance is close to what the dtype
+    resolves, so GMRES may stagnate just above it: a stagnated solve of the default
+    solver with a relative residual below $\\sqrt{\\varepsilon}$ (3e-4 in float32,
+    1.5e-8 in float64) is accepted."""
     return float(np.sqrt(np.finfo(dtype).eps))
 
 
@@ -54,8 +55,9 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
     forward iterations.
 
     Unlike [`optimistix.ImplicitAdjoint`][], whose default linear solver materialises
-    the Jacobian, the default here is restarted `lineax.GMRES` with tolerances chosen
-    from the dtype. Any [`lineax.AbstractLinearSolver`][] may be given, including
+    the Jacobian, the default here is [`eqxdeq.GMRES`][] (matrix-free restarted GMRES
+    that stops at the first step within its tolerance) with a tolerance chosen from
+    the dtype. Any [`lineax.AbstractLinearSolver`][] may be given, including
     eqxdeq's [`eqxdeq.Richardson`][] and [`eqxdeq.Neumann`][]. Forward mode
     (`jax.jvp`) and higher derivatives work too.
 
@@ -124,12 +126,14 @@ class ImplicitAdjoint(optx.AbstractAdjoint):
 ImplicitAdjoint.__init__.__doc__ = """**Arguments:**
 
 - `linear_solver`: the lineax solver for the system in $I - \\partial_y f$. Default
-    `None`: `lineax.GMRES(rtol=tol, atol=tol, restart=20, stagnation_iters=20)` with
-    `tol = 1e-12` in float64, `50 ε` in float32 and `4 ε` in 16-bit dtypes
-    (ε = machine epsilon). Such a tolerance is close to what the dtype resolves, so
-    a stagnation of this default solver at a relative residual below $\\sqrt{ε}$
-    (3e-4 in float32) counts as success; a linear solver you pass is held to its
-    own tolerance.
+    `None`: `eqxdeq.GMRES(rtol=tol, atol=0)` (restart 20), with
+    $\\|(I - \\partial_y f)^\\top w - \\bar y\\|_2 \\le$ `tol` $\\|\\bar y\\|_2$ for
+    `tol = 1e-12` in float64, `1e-5` in float32 and `4 ε` in 16-bit dtypes
+    (ε = machine epsilon). In float32 that is the order of a typical forward
+    tolerance: the gradient is then about as accurate as the fixed point it is taken
+    at (pass e.g. `eqxdeq.GMRES(rtol=1e-6, atol=0)` for more). A stagnation of this
+    default solver at a relative residual below $\\sqrt{ε}$ counts as success; a
+    linear solver you pass is held to its own tolerance.
 - `on_failure`: what a failed backward solve does: `"raise"` (default), `"nan"`
     (NaN gradients; reverse mode only) or `"jfb"` (the JFB gradient). Keyword only.
 - `callback`: `None` (default), or a function called on the host with the
