@@ -68,6 +68,7 @@ BANAX_MEMORY = 8  # Broyden's memory on both sides (eqxdeq's default)
 
 
 DENSE_DEFAULT = "optx.ImplicitAdjoint() [default, dense]"
+EPS50 = 50 * float(jnp.finfo(jnp.float32).eps)
 QUICK_SPECS = (ProblemSpec(64, 8, 0.9),)
 FULL_SPECS = (ProblemSpec(256, 32, 0.9), ProblemSpec(256, 32, 0.99))
 
@@ -75,7 +76,16 @@ FULL_SPECS = (ProblemSpec(256, 32, 0.9), ProblemSpec(256, 32, 0.99))
 def adjoints(tol: float) -> dict[str, tuple[optx.AbstractAdjoint, str]]:
     """name -> (adjoint, forward solver name)."""
     return {
-        "eqxdeq.ImplicitAdjoint() [GMRES, default]": (eqxdeq.ImplicitAdjoint(), "A"),
+        "eqxdeq.ImplicitAdjoint() [eqxdeq.GMRES, default]": (
+            eqxdeq.ImplicitAdjoint(),
+            "A",
+        ),
+        "eqxdeq.ImplicitAdjoint(lx.GMRES(50ε)) [default until 2026-12]": (
+            eqxdeq.ImplicitAdjoint(
+                lx.GMRES(rtol=EPS50, atol=EPS50, restart=20, stagnation_iters=20)
+            ),
+            "A",
+        ),
         "eqxdeq.ImplicitAdjoint(Richardson)": (
             eqxdeq.ImplicitAdjoint(eqxdeq.Richardson(tol, tol, max_steps=5000)),
             "A",
@@ -84,6 +94,11 @@ def adjoints(tol: float) -> dict[str, tuple[optx.AbstractAdjoint, str]]:
         "eqxdeq.PhantomAdjoint(5)": (eqxdeq.PhantomAdjoint(5), "A"),
         "eqxdeq.PhantomAdjoint(5, unroll)": (
             eqxdeq.PhantomAdjoint(5, mode="unroll"),
+            "A",
+        ),
+        "eqxdeq.ShineAdjoint() [Anderson]": (eqxdeq.ShineAdjoint(), "A"),
+        "eqxdeq.ShineAdjoint(GMRES) [Anderson]": (
+            eqxdeq.ShineAdjoint(eqxdeq.GMRES(rtol=1e-5, atol=0.0)),
             "A",
         ),
         "eqxdeq.ShineAdjoint() [Broyden]": (eqxdeq.ShineAdjoint(), "B"),

@@ -204,7 +204,7 @@ def _bare_time(rows, problem: str) -> float:
 
 
 QUICK_ADJOINTS = (
-    "eqxdeq.ImplicitAdjoint() [GMRES, default]",
+    "eqxdeq.ImplicitAdjoint() [eqxdeq.GMRES, default]",
     "eqxdeq.JFB()",
     "eqxdeq.ShineAdjoint() [Broyden]",
     "optx.RecursiveCheckpointAdjoint() [BPTT]",
@@ -243,9 +243,9 @@ def adjoints_section(ctx: Context) -> Section:
     intro = (
         f"`jax.grad` of `mean(sin(z*))` with respect to `W` and the input injection, "
         f"through the fixed point `z*` of the tanh layer {_label(spec)} (float32), "
-        f"forward solver `eqxdeq.Anderson({_sci(tol)}, {_sci(tol)})` (Broyden for "
-        "SHINE, "
-        "whose backward reuses Broyden's inverse-Jacobian estimate). "
+        f"forward solver `eqxdeq.Anderson({_sci(tol)}, {_sci(tol)})` (or Broyden, "
+        "as named: SHINE's backward reuses the forward solver's inverse-Jacobian "
+        "estimate). "
         f"{_FASTEST.format(k=repeats).replace('solves', 'calls')} *fwd+bwd / fwd*: "
         "the time of forward + backward over that of the forward solve alone. "
         "*grad rel. error*: relative ℓ2 error "
