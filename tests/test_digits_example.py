@@ -54,3 +54,5 @@ def test_digits_full_run(float32_standard, tmp_path):
     grads = summary["gradients"]
     assert grads["implicit"]["cosine"] == pytest.approx(1.0)
     assert grads["jfb"]["cosine"] < grads["phantom"]["cosine"] < 1.0
+    # Anderson's inverse-Jacobian estimate beats JFB's identity.
+    assert grads["jfb"]["cosine"] < grads["shine"]["cosine"] < 1.0

@@ -47,8 +47,12 @@ class ShineAdjoint(optx.AbstractAdjoint):
         explored, not necessarily on the direction of the incoming gradient. In
         eqxdeq's tests Anderson's multisecant estimate consistently beats the identity
         (JFB), and Broyden's does on nonlinear layers, but on nearly linear layers
-        of a few dozen dimensions Broyden's can be *worse* than JFB. Refining with an
-        iterative `linear_solver` removes the bias either way.
+        of a few dozen dimensions Broyden's can be *worse* than JFB. The estimate
+        differs from the identity only on the span of the last `memory` steps: a
+        batch solved as one state shares those few directions between all its
+        samples, while solved per sample (`jax.vmap`, as `eqxdeq.nn.DEQ` does) each
+        sample has its own. Refining with an iterative `linear_solver` removes the
+        bias either way (see the gradient guide for what it costs).
 
     With a solver that keeps no estimate (e.g. [`eqxdeq.Picard`][] or
     `optimistix.FixedPointIteration`) $P = I$ and this is exactly [`eqxdeq.JFB`][]
