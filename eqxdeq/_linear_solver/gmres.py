@@ -79,8 +79,8 @@ class GMRES(lx.AbstractLinearSolver[SquareState]):
     number of steps, `stats["result"]`, an [`eqxdeq.RESULTS`][], the same outcome
     except that a non-finite residual is `RESULTS.linear_solve_diverged` (GMRES
     minimises the residual, so it does not otherwise diverge). Used as the backward
-    solver of an eqxdeq adjoint, a failure is reported as that of the *backward (adjoint) linear
-    solve*, naming the adjoint and this solver.
+    solver of an eqxdeq adjoint, a failure is reported as that of the *backward
+    (adjoint) linear solve*, naming the adjoint and this solver.
 
     This supports the following `options` (as passed to
     `lx.linear_solve(..., options=...)`):
