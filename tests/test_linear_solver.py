@@ -5,6 +5,8 @@ tests, so that `lx.linear_solve` (which is `filter_jit`ted) compiles once per so
 and operator type rather than once per test.
 """
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -551,13 +553,14 @@ def test_gmres_failures():
 
 
 def test_gmres_validation():
-    for name, kwargs in (
+    cases: tuple[tuple[str, dict[str, Any]], ...] = (
         ("rtol", dict(rtol=-1.0, atol=0.0)),
         ("atol", dict(rtol=1e-3, atol=float("nan"))),
         ("restart", dict(rtol=1e-3, atol=0.0, restart=0)),
         ("stagnation_iters", dict(rtol=1e-3, atol=0.0, stagnation_iters=0)),
         ("max_steps", dict(rtol=1e-3, atol=0.0, max_steps=0)),
         ("max_steps", dict(rtol=1e-3, atol=0.0, max_steps=2.5)),
-    ):
+    )
+    for name, kwargs in cases:
         with pytest.raises((ValueError, TypeError), match=name):
             eqxdeq.GMRES(**kwargs)
