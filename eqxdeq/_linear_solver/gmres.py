@@ -5,25 +5,21 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.scipy as jsp
-import jax.tree_util as jtu
 import lineax as lx
 from jaxtyping import Array, PyTree
 
 from .._flat import combine_rows, inner_rows, ravel, set_row, small_dtype, unravel
-from .._misc import is_python_number, real_dtype
+from .._misc import real_dtype
 from .._validation import check_int, check_real
 from .neumann import (
-    is_integer,
-    linearise_square,
+    AbstractSquareSolver,
+    check_max_steps,
+    initial_guess,
     nonfinite_result,
     precise_result,
     RealScalarLike,
     SquareState,
 )
-
-
-def _structure(tree: PyTree) -> PyTree:
-    return jtu.tree_map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
 
 
 def _givens(a: Array, b: Array) -> tuple[Array, Array, Array]:
@@ -39,7 +35,7 @@ def _givens(a: Array, b: Array) -> tuple[Array, Array, Array]:
     return c, s.astype(a.dtype), (phase * norm.astype(a.dtype)).astype(a.dtype)
 
 
-class GMRES(lx.AbstractLinearSolver[SquareState]):
+class GMRES(AbstractSquareSolver):
     r"""Restarted GMRES for a square system $A x = b$, which stops as soon as the
     residual is small enough.
 
@@ -119,20 +115,7 @@ class GMRES(lx.AbstractLinearSolver[SquareState]):
             check_real("GMRES", name, getattr(self, name), lower=0)
         check_int("GMRES", "restart", self.restart, minimum=1)
         check_int("GMRES", "stagnation_iters", self.stagnation_iters, minimum=1)
-        if self.max_steps is not None and (
-            not is_integer(self.max_steps)
-            or (is_python_number(self.max_steps) and self.max_steps < 1)
-        ):
-            raise ValueError(
-                "`GMRES(max_steps=...)` must be a positive integer or None, got "
-                f"{self.max_steps!r}."
-            )
-
-    def init(
-        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> SquareState:
-        del options
-        return linearise_square("GMRES", operator)
+        check_max_steps("GMRES", self.max_steps)
 
     def compute(
         self, state: SquareState, vector: PyTree[Array], options: dict[str, Any]
@@ -151,19 +134,13 @@ class GMRES(lx.AbstractLinearSolver[SquareState]):
         def norm(x):
             return jnp.sqrt(jnp.real(jnp.vdot(x, x))).astype(rdtype)
 
-        if "y0" in options:
-            y0 = options["y0"]
-            if eqx.tree_equal(_structure(y0), _structure(vector)) is not True:
-                raise ValueError(
-                    "`options['y0']` of `GMRES` must have the same structure, shapes "
-                    "and dtypes as the right-hand side `vector`."
-                )
-            x0 = ravel(y0, dtype)
-            r0 = b - matvec(x0)
-        else:
-            y0 = None
+        y0 = initial_guess("GMRES", options, vector)
+        if y0 is None:
             x0 = jnp.zeros_like(b)
             r0 = b
+        else:
+            x0 = ravel(y0, dtype)
+            r0 = b - matvec(x0)
         with jax.numpy_dtype_promotion("standard"):
             tol = (self.atol + self.rtol * norm(b)).astype(rdtype)
         zero = jnp.zeros((), rdtype)
@@ -272,21 +249,6 @@ class GMRES(lx.AbstractLinearSolver[SquareState]):
             "result": precise_result(result, jnp.array(False)),
         }
         return unravel(x, vector), result, stats
-
-    def transpose(
-        self, state: SquareState, options: dict[str, Any]
-    ) -> tuple[SquareState, dict[str, Any]]:
-        del options
-        return state.transpose(), {}
-
-    def conj(
-        self, state: SquareState, options: dict[str, Any]
-    ) -> tuple[SquareState, dict[str, Any]]:
-        del options
-        return lx.conj(state), {}
-
-    def assume_full_rank(self) -> bool:
-        return True
 
 
 GMRES.__init__.__doc__ = r"""**Arguments:**

@@ -91,7 +91,66 @@ def is_integer(x) -> bool:
     )
 
 
-class Neumann(lx.AbstractLinearSolver[SquareState]):
+def check_max_steps(owner: str, max_steps) -> None:
+    """`max_steps` must be None or a positive integer (or an integer array)."""
+    if max_steps is not None and (
+        not is_integer(max_steps) or (is_python_number(max_steps) and max_steps < 1)
+    ):
+        raise ValueError(
+            f"`{owner}(max_steps=...)` must be a positive integer or None, got "
+            f"{max_steps!r}."
+        )
+
+
+def _structure(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+    )
+
+
+def initial_guess(
+    owner: str, options: dict[str, Any], vector: PyTree[Array]
+) -> PyTree[Array] | None:
+    """`options["y0"]` (None if not given), checked to have the structure, shapes and
+    dtypes of the right-hand side."""
+    y0 = options.get("y0", None)
+    same = y0 is None or eqx.tree_equal(_structure(y0), _structure(vector)) is True
+    if not same:
+        raise ValueError(
+            f"`options['y0']` of `{owner}` must have the same structure, shapes and "
+            "dtypes as the right-hand side `vector`."
+        )
+    return y0
+
+
+class AbstractSquareSolver(lx.AbstractLinearSolver[SquareState]):
+    """What eqxdeq's linear solvers share: the state is the linearised square
+    operator (`linearise_square`), `transpose` and `conj` transform it (and drop the
+    options, as lineax's own iterative solvers drop `y0`), and it is full rank."""
+
+    def init(
+        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
+    ) -> SquareState:
+        del options
+        return linearise_square(type(self).__name__, operator)
+
+    def transpose(
+        self, state: SquareState, options: dict[str, Any]
+    ) -> tuple[SquareState, dict[str, Any]]:
+        del options
+        return state.transpose(), {}
+
+    def conj(
+        self, state: SquareState, options: dict[str, Any]
+    ) -> tuple[SquareState, dict[str, Any]]:
+        del options
+        return lx.conj(state), {}
+
+    def assume_full_rank(self) -> bool:
+        return True
+
+
+class Neumann(AbstractSquareSolver):
     r"""Truncated, optionally damped, Neumann series for a square system $A x = b$.
 
     With damping $\tau$ and $M = I - \tau A$, `Neumann(steps=k, damping=τ)` returns
@@ -192,12 +251,6 @@ class Neumann(lx.AbstractLinearSolver[SquareState]):
                 f"`Neumann(damping=...)` must be in (0, 2), got {self.damping!r}."
             )
 
-    def init(
-        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> SquareState:
-        del options
-        return linearise_square("Neumann", operator)
-
     def compute(
         self, state: SquareState, vector: PyTree[Array], options: dict[str, Any]
     ) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
@@ -226,19 +279,6 @@ class Neumann(lx.AbstractLinearSolver[SquareState]):
             "result": precise_result(result, diverged),
         }
         return solution, result, stats
-
-    def transpose(
-        self, state: SquareState, options: dict[str, Any]
-    ) -> tuple[SquareState, dict[str, Any]]:
-        return state.transpose(), options
-
-    def conj(
-        self, state: SquareState, options: dict[str, Any]
-    ) -> tuple[SquareState, dict[str, Any]]:
-        return lx.conj(state), options
-
-    def assume_full_rank(self) -> bool:
-        return True
 
 
 Neumann.__init__.__doc__ = r"""**Arguments:**

@@ -1,7 +1,6 @@
 from collections.abc import Callable
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -19,8 +18,9 @@ from .._misc import (
 )
 from .._validation import check_norm, check_real
 from .neumann import (
-    is_integer,
-    linearise_square,
+    AbstractSquareSolver,
+    check_max_steps,
+    initial_guess,
     nonfinite_result,
     precise_result,
     RealScalarLike,
@@ -28,13 +28,7 @@ from .neumann import (
 )
 
 
-def _structure(tree: PyTree) -> PyTree:
-    return jtu.tree_map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
-    )
-
-
-class Richardson(lx.AbstractLinearSolver[SquareState]):
+class Richardson(AbstractSquareSolver):
     r"""Damped Richardson (fixed-point) iteration for a square system $A x = b$:
 
     $$x_{k+1} = x_k + \tau (b - A x_k),$$
@@ -122,14 +116,7 @@ class Richardson(lx.AbstractLinearSolver[SquareState]):
         for name in ("rtol", "atol"):
             check_real("Richardson", name, getattr(self, name), lower=0)
         check_norm("Richardson", self.norm)
-        if self.max_steps is not None and (
-            not is_integer(self.max_steps)
-            or (is_python_number(self.max_steps) and self.max_steps < 1)
-        ):
-            raise ValueError(
-                "`Richardson(max_steps=...)` must be a positive integer or None, got "
-                f"{self.max_steps!r}."
-            )
+        check_max_steps("Richardson", self.max_steps)
         if is_python_number(self.damping) and not 0 < self.damping < 2:
             raise ValueError(
                 f"`Richardson(damping=...)` must be in (0, 2), got {self.damping!r}."
@@ -146,26 +133,13 @@ class Richardson(lx.AbstractLinearSolver[SquareState]):
                 "or `atol`, or a fixed number of steps as `max_steps`."
             )
 
-    def init(
-        self, operator: lx.AbstractLinearOperator, options: dict[str, Any]
-    ) -> SquareState:
-        del options
-        return linearise_square("Richardson", operator)
-
     def compute(
         self, state: SquareState, vector: PyTree[Array], options: dict[str, Any]
     ) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
         operator = state
-        try:
-            y0 = options["y0"]
-        except KeyError:
+        y0 = initial_guess("Richardson", options, vector)
+        if y0 is None:
             y0 = jtu.tree_map(jnp.zeros_like, vector)
-        else:
-            if eqx.tree_equal(_structure(y0), _structure(vector)) is not True:
-                raise ValueError(
-                    "`options['y0']` of `Richardson` must have the same structure, "
-                    "shapes and dtypes as the right-hand side `vector`."
-                )
         if self.max_steps is None:
             size = sum(jnp.size(x) for x in jtu.tree_leaves(vector))
             max_steps = 10 * size  # As lineax's CG and GMRES (and SciPy).
@@ -228,21 +202,6 @@ class Richardson(lx.AbstractLinearSolver[SquareState]):
         diverged = (result != lx.RESULTS.successful) & grew
         stats = {"num_steps": num_steps, "result": precise_result(result, diverged)}
         return solution, result, stats
-
-    def transpose(
-        self, state: SquareState, options: dict[str, Any]
-    ) -> tuple[SquareState, dict[str, Any]]:
-        del options
-        return state.transpose(), {}
-
-    def conj(
-        self, state: SquareState, options: dict[str, Any]
-    ) -> tuple[SquareState, dict[str, Any]]:
-        del options
-        return lx.conj(state), {}
-
-    def assume_full_rank(self) -> bool:
-        return True
 
 
 Richardson.__init__.__doc__ = r"""**Arguments:**
