@@ -15,7 +15,13 @@ from jaxtyping import Array, Bool, PyTree, Scalar
 
 from .._custom_types import Aux, Fn, Y
 from .._descent import AbstractJacobianDescent
-from .._misc import is_python_number, tree_where, tree_zeros_like_struct, ω
+from .._misc import (
+    is_python_number,
+    stats_dtype,
+    tree_where,
+    tree_zeros_like_struct,
+    ω,
+)
 from .._termination import (
     AbstractProgressSolver,
     check_options,
@@ -54,9 +60,15 @@ def _evaluate(fn, y, args, jacobian: bool):
 
 class _DescentSearchState(eqx.Module, Generic[Y, Aux]):
     first_step: Bool[Array, ""]
-    y_eval: Y  # the next trial point
-    f_info: _Residual  # residual g(y) = f(y) - y at the last accepted iterate y
-    aux: Aux  # aux at the last accepted iterate
+    # The next trial point is `y + descent.step(step_size, descent_state)`: it is
+    # recomputed at the start of the next step instead of carried, so that no
+    # iterate-sized buffer changes place in the loop (XLA would copy it).
+    step_size: Scalar
+    # The residual g(y) = f(y) - y and the aux at the last accepted iterate y: only
+    # for a search that can reject a trial (else `None`: the descent and the loop
+    # already hold them, and a second copy would be copied every step).
+    f_info: _Residual | None
+    aux: Aux | None
     descent_state: Any
     search_state: Any
     progress: Progress[Y, Aux]
@@ -136,11 +148,14 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
             descent_state = self.descent.with_reference_residual(
                 descent_state, reference
             )
+        keep_accepted = not _always_accepts(self.search)
         state = _DescentSearchState(
             first_step=jnp.array(True),
-            y_eval=y,
-            f_info=_Residual(tree_zeros_like_struct(f_struct)),
-            aux=tree_zeros_like_struct(aux_struct),
+            step_size=jnp.array(0.0, stats_dtype(y)),  # the first trial is `y` itself
+            f_info=_Residual(tree_zeros_like_struct(f_struct))
+            if keep_accepted
+            else None,
+            aux=tree_zeros_like_struct(aux_struct) if keep_accepted else None,
             descent_state=descent_state,
             search_state=self.search.init(y, f_info_struct),
             progress=Progress.start(
@@ -167,12 +182,11 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
             f_info,  # pyright: ignore[reportArgumentType]  (not a Jacobian descent)
             descent_state,
         )
-        y_diff, _ = self.descent.step(jnp.asarray(step_size), descent_state)
         return _DescentSearchState(
             first_step=jnp.array(False),
-            y_eval=(y**ω + y_diff**ω).ω,
-            f_info=f_info,
-            aux=aux,
+            step_size=jnp.asarray(step_size, state.step_size.dtype),
+            f_info=f_info if keep_accepted else None,
+            aux=aux if keep_accepted else None,
             descent_state=descent_state,
             search_state=search_state,
             progress=state.progress.observe(self, y, f, g, aux, num_evals=0),
@@ -188,7 +202,8 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
         tags: frozenset[object],
     ) -> tuple[Y, _DescentSearchState[Y, Aux], Aux]:
         del options, tags
-        y_eval = state.y_eval
+        y_diff, _ = self.descent.step(state.step_size, state.descent_state)
+        y_eval = (y**ω + y_diff**ω).ω
         f_eval, aux_eval, jac_eval = _evaluate(
             fn, y_eval, args, _needs_jacobian(self.descent)
         )
@@ -199,17 +214,19 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
         else:
             query_info = optx.FunctionInfo.ResidualJac(g_eval, jac_eval)
 
+        # (A search that always accepts does not read the last accepted residual.)
+        f_info = f_eval_info if state.f_info is None else state.f_info
         step_size, accept, search_result, search_state = self.search.step(
-            state.first_step, y, y_eval, state.f_info, f_eval_info, state.search_state
+            state.first_step, y, y_eval, f_info, f_eval_info, state.search_state
         )
-        step_size = jnp.asarray(step_size)
+        step_size = jnp.asarray(step_size, state.step_size.dtype)
 
         # Accept: the trial becomes the iterate, and the descent gets a new direction.
         if _always_accepts(self.search):
             # No branch and no selects: lets XLA fuse the step (Picard's hot path).
             accept = jnp.array(True)
             descent_state = self.descent.query(y_eval, query_info, state.descent_state)
-            new_y, f_info, aux = y_eval, f_eval_info, aux_eval
+            new_y, f_info, aux = y_eval, None, aux_eval
         else:
             descent_state = lax.cond(
                 accept,
@@ -220,7 +237,9 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
             new_y = tree_where(accept, y_eval, y)
             f_info = tree_where(accept, f_eval_info, state.f_info)
             aux = tree_where(accept, aux_eval, state.aux)
-        y_diff, descent_result = self.descent.step(step_size, descent_state)
+        # (Only the result is used here: the step itself is taken, from the same
+        # state, at the start of the next step.)
+        _, descent_result = self.descent.step(step_size, descent_state)
         result = optx.RESULTS.where(
             search_result == optx.RESULTS.successful, descent_result, search_result
         )
@@ -232,9 +251,9 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
         )
         new_state = _DescentSearchState(
             first_step=jnp.array(False),
-            y_eval=(new_y**ω + y_diff**ω).ω,
+            step_size=step_size,
             f_info=f_info,
-            aux=aux,
+            aux=None if state.aux is None else aux,
             descent_state=descent_state,
             search_state=search_state,
             progress=progress,
