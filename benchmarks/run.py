@@ -173,7 +173,10 @@ def solvers_section(ctx: Context) -> Section:
         "`‖f(z) − z‖₂ / ‖f(z)‖₂` at the returned `z`. *vs Krylov floor*: f-evals over "
         "the Krylov floor, the matrix-vector products full-memory GMRES needs on the "
         "layer linearised at its fixed point (float64) to pass the same test from "
-        "`z = 0`, plus one for the evaluation at `z = 0`."
+        "`z = 0`, plus one for the evaluation at `z = 0`. The *bare lax.while_loop "
+        "Anderson(m=8)* and *Broyden(m=8)* rows are eqxdeq's Anderson and Broyden "
+        "arithmetic written by hand with the same test and nothing else: the cost of "
+        "the algorithms themselves."
     )
     notes = "\n\n".join(f"_{note}_" for note in bench_solvers.library_notes(args))
     drawn = _plots.solvers_plot(rows, ctx.out / "solvers.png", bench_solvers.BARE)
