@@ -258,9 +258,7 @@ def bare_anderson(memory: int, regularisation: float = 1e-8) -> Entry:
                 diagonal = jnp.where(valid, jnp.diagonal(gram), 0)
                 ridge = regularisation * jnp.sum(diagonal) / jnp.maximum(count, 1)
                 ridge = ridge + jnp.finfo(dtype).tiny
-                system = jnp.where(both, gram, 0) + jnp.diag(
-                    jnp.where(valid, ridge, 1)
-                )
+                system = jnp.where(both, gram, 0) + jnp.diag(jnp.where(valid, ridge, 1))
                 factor = jnp.linalg.cholesky(system)
                 rhs_valid = jnp.where(valid, rhs, 0)
                 gamma = jax.scipy.linalg.cho_solve((factor, True), rhs_valid)
@@ -324,9 +322,7 @@ def bare_broyden(memory: int, conditioning: float = 1e-6) -> Entry:
                 h_dg = h_g - jnp.where(full, -g_prev, h_g_prev)
                 v_new = mv(v, u, count, s)
                 denom = s @ h_dg
-                ok = (k > 0) & (
-                    denom**2 > conditioning**2 * (s @ s) * (h_dg @ h_dg)
-                )
+                ok = (k > 0) & (denom**2 > conditioning**2 * (s @ s) * (h_dg @ h_dg))
                 u_new = jnp.where(ok, (s - h_dg) / jnp.where(ok, denom, 1), 0)
                 v_new = jnp.where(ok, v_new, 0)
                 u = lax.dynamic_update_index_in_dim(u, u_new, count, 0)
