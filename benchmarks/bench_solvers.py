@@ -169,7 +169,7 @@ def bare_picard(problem: Problem, cfg: Config):
         def body(carry):
             z, _, k = carry
             fz = fn(z, args)
-            err = jnp.max(jnp.abs(fz - z) / (cfg.atol + cfg.rtol * jnp.abs(fz)))
+            err = _bare_elementwise_error(fz, z, cfg)
             return fz, err, k + 1
 
         init = (y0, jnp.array(jnp.inf, y0.dtype), jnp.array(0))
@@ -218,6 +218,32 @@ def _bare_elementwise_error(fz, z, cfg: Config):
     return jnp.max(jnp.abs(fz - z) / (cfg.atol + cfg.rtol * jnp.abs(fz)))
 
 
+def _bare_loop(problem: Problem, cfg: Config, step, state0):
+    """A bare `lax.while_loop` with the bare Picard loop's stopping test: each
+    iteration evaluates `f` at `y` and, until the test passes, proposes the next `y`
+    by `step(y_flat, g_flat, k, state) -> (y_next_flat, state)`. Returns the last
+    evaluated point, the number of evaluations and whether the test passed."""
+    fn = problem.fn
+
+    def solve(y0, args):
+        def cond(carry):
+            err, k = carry[1], carry[2]
+            return (err >= 1) & (k < cfg.max_steps)
+
+        def body(carry):
+            y, _, k, _, state = carry
+            fy = fn(y, args)
+            err = _bare_elementwise_error(fy, y, cfg)
+            y_next, state = step(y.reshape(-1), (fy - y).reshape(-1), k, state)
+            return y_next.reshape(y.shape), err, k + 1, y, state
+
+        init = (y0, jnp.array(jnp.inf, y0.dtype), jnp.array(0), y0, state0(y0))
+        _, err, k, z, _ = lax.while_loop(cond, body, init)
+        return z, k, (err < 1).astype(int)
+
+    return jax.jit(solve), _converged_name
+
+
 def bare_anderson(memory: int, regularisation: float = 1e-8) -> Entry:
     """A hand-written `lax.while_loop` Anderson mixing (type II, difference form, unit
     relaxation): eqxdeq's arithmetic (the Gram matrix updated by one row and column
@@ -226,66 +252,38 @@ def bare_anderson(memory: int, regularisation: float = 1e-8) -> Entry:
     without anything else: no safeguard, no statistics, no best iterate, no
     divergence test. Its time per step over the bare Picard loop's is the floor of
     Anderson's per-step overhead under XLA on this machine."""
+    m = memory
+    slots = jnp.arange(m)
 
-    def entry(problem: Problem, cfg: Config):
-        fn, m = problem.fn, memory
+    def state0(y0):
+        zeros, history = jnp.zeros(y0.size, y0.dtype), jnp.zeros((m, y0.size), y0.dtype)
+        gram, rhs = jnp.zeros((m, m), y0.dtype), jnp.zeros(m, y0.dtype)
+        return zeros, zeros, history, history, gram, rhs, jnp.array(0)
 
-        def solve(y0, args):
-            size, dtype = y0.size, y0.dtype
-            slots = jnp.arange(m)
+    def step(y_flat, g, k, state):
+        y_prev, g_prev, dg, mixed, gram, rhs_prev, count = state
+        slot = k % m  # (step 0 writes junk into slot 0: never counted)
+        dg_new = g - g_prev
+        dg = lax.dynamic_update_index_in_dim(dg, dg_new, slot, 0)
+        row = (y_flat - y_prev) + dg_new
+        mixed = lax.dynamic_update_index_in_dim(mixed, row, slot, 0)
+        rhs = dg @ g
+        column = jnp.where(slots == slot, dg_new @ dg_new, rhs - rhs_prev)
+        gram = jnp.where(slots[:, None] == slot, column[None, :], gram)
+        gram = jnp.where(slots[None, :] == slot, column[:, None], gram)
+        count = jnp.where(k > 0, jnp.minimum(count + 1, m), 0)
+        valid = slots < count
+        both = valid[:, None] & valid[None, :]
+        diagonal = jnp.where(valid, jnp.diagonal(gram), 0)
+        ridge = regularisation * jnp.sum(diagonal) / jnp.maximum(count, 1)
+        ridge = ridge + jnp.finfo(g.dtype).tiny
+        system = jnp.where(both, gram, 0) + jnp.diag(jnp.where(valid, ridge, 1))
+        factor = jnp.linalg.cholesky(system)
+        gamma = jax.scipy.linalg.cho_solve((factor, True), jnp.where(valid, rhs, 0))
+        y_next = y_flat + g - gamma @ mixed
+        return y_next, (y_flat, g, dg, mixed, gram, rhs, count)
 
-            def cond(carry):
-                err, k = carry[1], carry[2]
-                return (err >= 1) & (k < cfg.max_steps)
-
-            def body(carry):
-                y, _, k, _, y_prev, g_prev, dg, mixed, gram, rhs_prev, count = carry
-                fy = fn(y, args)
-                err = _bare_elementwise_error(fy, y, cfg)
-                g, y_flat = (fy - y).reshape(-1), y.reshape(-1)
-                slot = k % m  # (step 0 writes junk into slot 0: never counted)
-                dg_new = g - g_prev
-                dg = lax.dynamic_update_index_in_dim(dg, dg_new, slot, 0)
-                row = (y_flat - y_prev) + dg_new
-                mixed = lax.dynamic_update_index_in_dim(mixed, row, slot, 0)
-                rhs = dg @ g
-                column = jnp.where(slots == slot, dg_new @ dg_new, rhs - rhs_prev)
-                gram = jnp.where(slots[:, None] == slot, column[None, :], gram)
-                gram = jnp.where(slots[None, :] == slot, column[:, None], gram)
-                count = jnp.where(k > 0, jnp.minimum(count + 1, m), 0)
-                valid = slots < count
-                both = valid[:, None] & valid[None, :]
-                diagonal = jnp.where(valid, jnp.diagonal(gram), 0)
-                ridge = regularisation * jnp.sum(diagonal) / jnp.maximum(count, 1)
-                ridge = ridge + jnp.finfo(dtype).tiny
-                system = jnp.where(both, gram, 0) + jnp.diag(jnp.where(valid, ridge, 1))
-                factor = jnp.linalg.cholesky(system)
-                rhs_valid = jnp.where(valid, rhs, 0)
-                gamma = jax.scipy.linalg.cho_solve((factor, True), rhs_valid)
-                y_next = (y_flat + g - gamma @ mixed).reshape(y.shape)
-                return (y_next, err, k + 1, y, y_flat, g, dg, mixed, gram, rhs, count)
-
-            zeros = jnp.zeros(size, dtype)
-            history = jnp.zeros((m, size), dtype)
-            init = (
-                y0,
-                jnp.array(jnp.inf, dtype),
-                jnp.array(0),
-                y0,
-                zeros,
-                zeros,
-                history,
-                history,
-                jnp.zeros((m, m), dtype),
-                jnp.zeros(m, dtype),
-                jnp.array(0),
-            )
-            _, err, k, z, *_ = lax.while_loop(cond, body, init)
-            return z, k, (err < 1).astype(int)
-
-        return jax.jit(solve), _converged_name
-
-    return entry
+    return lambda problem, cfg: _bare_loop(problem, cfg, step, state0)
 
 
 def bare_broyden(memory: int, conditioning: float = 1e-6) -> Entry:
@@ -295,63 +293,35 @@ def bare_broyden(memory: int, conditioning: float = 1e-6) -> Entry:
     conditioning test on the update) and the same stopping test, without anything
     else. Its time per step over the bare Picard loop's is the floor of Broyden's
     per-step overhead under XLA on this machine."""
+    m = memory
 
-    def entry(problem: Problem, cfg: Config):
-        fn, m = problem.fn, memory
+    def mv(a, b, count, x):  # (-I + Σ_{i<count} a_i b_iᵀ) x
+        coeffs = jnp.where(jnp.arange(m) < count, b @ x, 0)
+        return coeffs @ a - x
 
-        def solve(y0, args):
-            size, dtype = y0.size, y0.dtype
+    def state0(y0):
+        zeros, buffer = jnp.zeros(y0.size, y0.dtype), jnp.zeros((m, y0.size), y0.dtype)
+        return zeros, zeros, buffer, buffer, jnp.array(0), zeros
 
-            def mv(a, b, count, x):  # (-I + Σ_{i<count} a_i b_iᵀ) x
-                coeffs = jnp.where(jnp.arange(m) < count, b @ x, 0)
-                return coeffs @ a - x
+    def step(y_flat, g, k, state):
+        y_prev, g_prev, u, v, count, h_g_prev = state
+        s = y_flat - y_prev
+        full = count >= m
+        count = jnp.where(full, 0, count)
+        h_g = mv(u, v, count, g)
+        h_dg = h_g - jnp.where(full, -g_prev, h_g_prev)
+        v_new = mv(v, u, count, s)
+        denom = s @ h_dg
+        ok = (k > 0) & (denom**2 > conditioning**2 * (s @ s) * (h_dg @ h_dg))
+        u_new = jnp.where(ok, (s - h_dg) / jnp.where(ok, denom, 1), 0)
+        v_new = jnp.where(ok, v_new, 0)
+        u = lax.dynamic_update_index_in_dim(u, u_new, count, 0)
+        v = lax.dynamic_update_index_in_dim(v, v_new, count, 0)
+        h_g = h_g + (v_new @ g) * u_new
+        count = count + ok.astype(int)
+        return y_flat - h_g, (y_flat, g, u, v, count, h_g)
 
-            def cond(carry):
-                err, k = carry[1], carry[2]
-                return (err >= 1) & (k < cfg.max_steps)
-
-            def body(carry):
-                y, _, k, _, y_prev, g_prev, u, v, count, h_g_prev = carry
-                fy = fn(y, args)
-                err = _bare_elementwise_error(fy, y, cfg)
-                g, y_flat = (fy - y).reshape(-1), y.reshape(-1)
-                s = y_flat - y_prev
-                full = count >= m
-                count = jnp.where(full, 0, count)
-                h_g = mv(u, v, count, g)
-                h_dg = h_g - jnp.where(full, -g_prev, h_g_prev)
-                v_new = mv(v, u, count, s)
-                denom = s @ h_dg
-                ok = (k > 0) & (denom**2 > conditioning**2 * (s @ s) * (h_dg @ h_dg))
-                u_new = jnp.where(ok, (s - h_dg) / jnp.where(ok, denom, 1), 0)
-                v_new = jnp.where(ok, v_new, 0)
-                u = lax.dynamic_update_index_in_dim(u, u_new, count, 0)
-                v = lax.dynamic_update_index_in_dim(v, v_new, count, 0)
-                h_g = h_g + (v_new @ g) * u_new
-                count = count + ok.astype(int)
-                y_next = (y_flat - h_g).reshape(y.shape)
-                return (y_next, err, k + 1, y, y_flat, g, u, v, count, h_g)
-
-            zeros = jnp.zeros(size, dtype)
-            buffer = jnp.zeros((m, size), dtype)
-            init = (
-                y0,
-                jnp.array(jnp.inf, dtype),
-                jnp.array(0),
-                y0,
-                zeros,
-                zeros,
-                buffer,
-                buffer,
-                jnp.array(0),
-                zeros,
-            )
-            _, err, k, z, *_ = lax.while_loop(cond, body, init)
-            return z, k, (err < 1).astype(int)
-
-        return jax.jit(solve), _converged_name
-
-    return entry
+    return lambda problem, cfg: _bare_loop(problem, cfg, step, state0)
 
 
 def _converged_name(code) -> str:
