@@ -226,7 +226,8 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
             # No branch and no selects: lets XLA fuse the step (Picard's hot path).
             accept = jnp.array(True)
             descent_state = self.descent.query(y_eval, query_info, state.descent_state)
-            new_y, f_info, aux = y_eval, None, aux_eval
+            new_y, aux = y_eval, aux_eval
+            f_info = kept_aux = None  # (not kept: see `_DescentSearchState`)
         else:
             descent_state = lax.cond(
                 accept,
@@ -236,7 +237,7 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
             )
             new_y = tree_where(accept, y_eval, y)
             f_info = tree_where(accept, f_eval_info, state.f_info)
-            aux = tree_where(accept, aux_eval, state.aux)
+            aux = kept_aux = tree_where(accept, aux_eval, state.aux)
         # (Only the result is used here: the step itself is taken, from the same
         # state, at the start of the next step.)
         _, descent_result = self.descent.step(step_size, descent_state)
@@ -253,7 +254,7 @@ class AbstractDescentSearchSolver(AbstractProgressSolver[Y, Aux, Any]):
             first_step=jnp.array(False),
             step_size=step_size,
             f_info=f_info,
-            aux=None if state.aux is None else aux,
+            aux=kept_aux,
             descent_state=descent_state,
             search_state=search_state,
             progress=progress,
